@@ -1,0 +1,287 @@
+"""The ProviderPolicy model: defined once, used by the gateway, the controller, the validator and the CRD.
+
+A ProviderPolicy says which recipient domains belong to one mailbox provider (by domain or by the MX
+host names the domains publish), where its mail goes (DNS MX, or static ``route.hosts``), and the limits
+the whole fleet must stay within when talking to it.
+
+The field names are the public interface (the same object as the Kubernetes custom resource): extend,
+never rename. The model rejects unknown fields so a typo is an error, not a silently ignored setting.
+
+Files may hold several YAML documents; ``load_policy_dir`` reads every ``*.yaml``/``*.yml`` file of a
+directory and reports the file, the document index and the offending field on any error.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from mxgate.errors import PolicyError
+
+API_VERSION = "mxgate.io/v1alpha1"
+KIND = "ProviderPolicy"
+
+#: The name of the policy whose limits apply, per domain, to domains no other policy matches.
+DEFAULT_POLICY_NAME = "default"
+
+# RFC 1123 label rules; policy domains are ASCII (IDNA A-labels for international domains).
+_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+_GLOB_RE = re.compile(r"^[a-z0-9*?.\[\]!-]{1,253}$")
+# Kubernetes object names (RFC 1123 subdomain): the provider id ends up in Redis keys and metric labels.
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True, str_strip_whitespace=True
+    )
+
+
+class Match(_Model):
+    """Which recipient domains belong to this provider."""
+
+    domains: list[str] = Field(
+        default_factory=list,
+        description="Recipient domains of this provider; a domain also matches its subdomains.",
+    )
+    mx_hosts: list[str] = Field(
+        default_factory=list,
+        description='Shell-style globs over MX host names, e.g. "*.protection.outlook.com": every domain '
+        "whose primary MX matches rolls up to this provider.",
+    )
+
+    @field_validator("domains")
+    @classmethod
+    def _check_domains(cls, value: list[str]) -> list[str]:
+        out = []
+        for domain in value:
+            norm = domain.lower().rstrip(".")
+            if not _DOMAIN_RE.match(norm):
+                raise ValueError(f"{domain!r} is not a valid domain name")
+            out.append(norm)
+        return out
+
+    @field_validator("mx_hosts")
+    @classmethod
+    def _check_globs(cls, value: list[str]) -> list[str]:
+        out = []
+        for glob in value:
+            norm = glob.lower().rstrip(".")
+            if not _GLOB_RE.match(norm):
+                raise ValueError(f"{glob!r} is not a host-name glob (letters, digits, '-', '.', '*', '?', [])")
+            out.append(norm)
+        return out
+
+
+class Route(_Model):
+    """A static next hop instead of DNS MX."""
+
+    hosts: Annotated[list[str], Field(min_length=1)] = Field(
+        description='Next hops as "host:port" (port defaults to 25), tried in order.'
+    )
+
+    @field_validator("hosts")
+    @classmethod
+    def _check_hosts(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parse_host_port(entry, default_port=25)
+        return value
+
+    def next_hops(self) -> list[tuple[str, int]]:
+        return [parse_host_port(entry, default_port=25) for entry in self.hosts]
+
+
+class Limits(_Model):
+    """The limits the whole fleet keeps towards this provider (the ceiling the adaptive loop works under)."""
+
+    max_connections: int = Field(
+        default=10, ge=1, le=10_000, description="Concurrent SMTP connections to this provider, fleet-wide."
+    )
+    max_messages_per_connection: int = Field(
+        default=100, ge=1, le=1_000_000, description="Messages sent over one connection before it is closed."
+    )
+    messages_per_second: float | None = Field(
+        default=None, gt=0, le=1_000_000, description="Message rate, fleet-wide; unset means no rate limit."
+    )
+    burst: int | None = Field(
+        default=None, ge=0, le=1_000_000,
+        description="Messages that may be sent at once above the steady rate (default: one second's worth).",
+    )
+    idle_timeout_seconds: float = Field(
+        default=5.0, gt=0, le=3600, description="An idle connection is closed after this many seconds."
+    )
+
+
+class ProviderPolicySpec(_Model):
+    """What makes up one mailbox provider and the limits towards it."""
+
+    match: Match = Field(default_factory=Match, description="Which recipient domains belong to this provider.")
+    route: Route | None = Field(default=None, description="Static next hops; when unset, DNS MX is used.")
+    limits: Limits = Field(default_factory=Limits, description="Fleet-wide limits towards this provider.")
+
+
+class Metadata(_Model):
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+    name: str
+    namespace: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError(f"{value!r} is not a valid name (lower-case letters, digits, '-' and '.')")
+        return value
+
+
+class ProviderPolicy(_Model):
+    """A ProviderPolicy object, as in a YAML file or the Kubernetes API."""
+
+    api_version: Literal["mxgate.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["ProviderPolicy"]
+    metadata: Metadata
+    spec: ProviderPolicySpec = Field(default_factory=ProviderPolicySpec)
+
+    @model_validator(mode="after")
+    def _default_has_no_match(self) -> ProviderPolicy:
+        if self.metadata.name == DEFAULT_POLICY_NAME and (self.spec.match.domains or self.spec.match.mx_hosts):
+            raise ValueError(f"the policy named {DEFAULT_POLICY_NAME!r} applies to unmatched domains: "
+                             "it must not have spec.match")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> ProviderPolicy:
+        return cls.model_validate_json(raw)
+
+
+def parse_host_port(entry: str, *, default_port: int) -> tuple[str, int]:
+    """``"host:port"``, ``"[v6]:port"`` or ``"host"`` -> (host, port); ValueError on nonsense."""
+    text = entry.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"{entry!r}: missing ']'")
+        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{entry!r}: junk after ']'")
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ValueError(f"{entry!r}: empty host")
+    port = default_port
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"{entry!r}: port must be 1-65535")
+        port = int(port_text)
+    return host, port
+
+
+def format_validation_error(source: str, exc: ValidationError) -> str:
+    """One readable line per problem: ``source: spec.limits.maxConnections: Input should be ...``."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(document)"
+        lines.append(f"{source}: {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_policy(document: Mapping[str, Any], *, source: str) -> ProviderPolicy:
+    try:
+        return ProviderPolicy.model_validate(document)
+    except ValidationError as exc:
+        raise PolicyError(format_validation_error(source, exc)) from exc
+
+
+def load_policy_file(path: Path) -> list[ProviderPolicy]:
+    try:
+        documents = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{path}: not valid YAML: {exc}") from exc
+    policies = []
+    for index, document in enumerate(documents):
+        source = f"{path}" if len(documents) == 1 else f"{path}[{index}]"
+        if not isinstance(document, dict):
+            raise PolicyError(f"{source}: expected a ProviderPolicy mapping, got {type(document).__name__}")
+        policies.append(parse_policy(document, source=source))
+    return policies
+
+
+def load_policy_dir(directory: Path) -> list[ProviderPolicy]:
+    """Every policy in ``directory``; errors name the file. Duplicate names are an error."""
+    if not directory.is_dir():
+        raise PolicyError(f"{directory}: not a directory")
+    policies: list[ProviderPolicy] = []
+    seen: dict[str, Path] = {}
+    for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
+        for policy in load_policy_file(path):
+            if policy.name in seen:
+                raise PolicyError(f"{path}: policy {policy.name!r} is also defined in {seen[policy.name]}")
+            seen[policy.name] = path
+            policies.append(policy)
+    return policies
+
+
+# --------------------------------------------------------------------------------------------------------
+# Classification: recipient domain (and its MX hosts) -> provider. Pure.
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderTable:
+    """The policies in force, indexed for classification."""
+
+    policies: Mapping[str, ProviderPolicy]
+
+    @classmethod
+    def of(cls, policies: Iterable[ProviderPolicy]) -> ProviderTable:
+        return cls({p.name: p for p in policies})
+
+    def by_domain(self, domain: str) -> str | None:
+        """The provider whose ``match.domains`` holds ``domain`` or its nearest parent domain."""
+        labels = domain.lower().rstrip(".").split(".")
+        for i in range(len(labels)):
+            candidate = ".".join(labels[i:])
+            for policy in self._sorted():
+                if candidate in policy.spec.match.domains:
+                    return policy.name
+        return None
+
+    def by_mx(self, mx_hosts: Sequence[str]) -> str | None:
+        """The provider one of whose ``match.mxHosts`` globs matches the most preferred MX host."""
+        for host in mx_hosts:
+            name = host.lower().rstrip(".")
+            for policy in self._sorted():
+                if any(fnmatch.fnmatchcase(name, glob) for glob in policy.spec.match.mx_hosts):
+                    return policy.name
+            # Only the most preferred host decides: a backup MX at another provider must not re-route.
+            break
+        return None
+
+    def has_mx_rules(self) -> bool:
+        return any(p.spec.match.mx_hosts for p in self.policies.values())
+
+    def _sorted(self) -> list[ProviderPolicy]:
+        return [self.policies[k] for k in sorted(self.policies)]
+
+
+def default_provider_id(domain: str) -> str:
+    """Queue/limit identity of an unmatched domain: each such domain gets its own limits."""
+    return f"domain:{domain.lower().rstrip('.')}"
