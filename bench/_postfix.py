@@ -39,10 +39,11 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from _procs import LOOPBACK, BenchError, find_free_port, log_tail, require_tool, tool_output, wait_for_port
 
-__all__ = ["PostfixRelay", "postfix_version", "POSTFIX_DEFAULTS_NOTE"]
+__all__ = ["POSTFIX_DEFAULTS_NOTE", "PostfixRelay", "postfix_version"]
 
 #: Printed with the results: what the Postfix side is and is not tuned for.
 POSTFIX_DEFAULTS_NOTE = (
@@ -216,7 +217,9 @@ class PostfixRelay:
     def _run(self, *args: str, timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run ``postfix -c CONFIG_DIR ARGS`` and return its result."""
         argv = [self.postfix, "-c", str(self.config_dir), *args]
-        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        done = subprocess.run(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False
+        )
         if check and done.returncode != 0:
             raise BenchError(
                 f"`{' '.join(argv)}` failed with status {done.returncode}:\n{done.stdout.strip()}\n"
@@ -304,7 +307,7 @@ class PostfixRelay:
                     summary["errors"] += 1
         return summary
 
-    def __enter__(self) -> PostfixRelay:
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:

@@ -22,21 +22,24 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Self
 
 __all__ = [
     "BenchError",
-    "ToolMissing",
     "ManagedProcess",
     "ProcessManager",
     "RedisServer",
     "SmtpSink",
+    "ToolMissing",
+    "cpu_seconds",
     "find_free_port",
     "install_signal_handlers",
     "log_tail",
+    "machine_busy_seconds",
     "read_counter",
     "require_tool",
     "start_redis",
@@ -84,7 +87,12 @@ def tool_output(argv: Sequence[str], timeout: float = 10.0) -> str:
     """Run a short command and return its stripped stdout+stderr ("" if it cannot run)."""
     try:
         done = subprocess.run(
-            list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+            list(argv),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -138,6 +146,73 @@ def read_counter(path: Path, pattern: re.Pattern[str]) -> int:
         if match:
             return int(match.group(1))
     return 0
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_stats() -> dict[int, tuple[int, float, float]]:
+    """pid -> (ppid, own CPU seconds, reaped children's CPU seconds) for every process."""
+    stats: dict[int, tuple[int, float, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                raw = fh.read().decode("ascii", "replace")
+        except OSError:
+            continue
+        # The command name (field 2) may contain spaces and parentheses: split after the last ")".
+        fields = raw[raw.rfind(")") + 2 :].split()
+        ppid = int(fields[1])
+        utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+        stats[int(entry)] = (ppid, (utime + stime) / _CLK_TCK, (cutime + cstime) / _CLK_TCK)
+    return stats
+
+
+def cpu_seconds(roots: Sequence[int]) -> float:
+    """CPU seconds (user+system) used so far by the process trees rooted at ``roots``.
+
+    Counts each root's own time, the time of its children that it has already reaped, and
+    the own time of every live descendant. Take it before and after a run and subtract.
+    (Descendants that exited and were reaped by a live descendant are in that descendant's
+    reaped-children time, which is counted too.) Linux only; 0.0 elsewhere.
+    """
+    if not os.path.isdir("/proc"):
+        return 0.0
+    stats = _proc_stats()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total = 0.0
+    seen: set[int] = set()
+    stack = [pid for pid in roots if pid in stats]
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        _, own, reaped = stats[pid]
+        total += own + reaped
+        stack.extend(children.get(pid, ()))
+    return total
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent not idle since boot (from ``/proc/stat``; 0.0 if absent).
+
+    Taken before and after a run, minus the CPU time of the benchmark's own processes, this
+    shows how much *other* load shared the machine during the measurement.
+    """
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = fh.readline().split()
+    except OSError:
+        return 0.0
+    # cpu user nice system idle iowait irq softirq steal guest guest_nice
+    values = [int(x) for x in fields[1:9]]
+    busy = values[0] + values[1] + values[2] + values[5] + values[6] + values[7]
+    return busy / _CLK_TCK
 
 
 @dataclass
@@ -252,7 +327,7 @@ class ProcessManager:
             with contextlib.suppress(Exception):
                 func()
 
-    def __enter__(self) -> ProcessManager:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -260,11 +335,16 @@ class ProcessManager:
 
 
 def install_signal_handlers() -> None:
-    """Turn SIGTERM and SIGHUP into ``KeyboardInterrupt`` so ``finally`` blocks clean up."""
+    """Turn SIGINT, SIGTERM and SIGHUP into ``KeyboardInterrupt`` so ``finally`` blocks clean up.
+
+    SIGINT is set explicitly because a shell starts background jobs with SIGINT ignored,
+    and Python then leaves it ignored.
+    """
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGHUP, handler)
 

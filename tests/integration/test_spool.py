@@ -5,15 +5,21 @@ from __future__ import annotations
 import asyncio
 
 import redis.asyncio as aioredis
-
 from mxgate import keys
 from mxgate.spool.store import NewJob, Spool, new_queue_id
 
 
 def _job(provider: str = "p", n: int = 0, body: bytes = b"Subject: x\r\n\r\nhi\r\n") -> NewJob:
     qid = new_queue_id()
-    return NewJob(provider=provider, job_id=f"{qid}.{n}", queue_id=qid, sender="a@example.com",
-                  recipients=["b@dest.test"], domain="dest.test", body=body)
+    return NewJob(
+        provider=provider,
+        job_id=f"{qid}.{n}",
+        queue_id=qid,
+        sender="a@example.com",
+        recipients=["b@dest.test"],
+        domain="dest.test",
+        body=body,
+    )
 
 
 async def test_enqueue_claim_ack_roundtrip(redis_client: aioredis.Redis) -> None:
@@ -33,14 +39,16 @@ async def test_enqueue_claim_ack_roundtrip(redis_client: aioredis.Redis) -> None
     assert await redis_client.exists(keys.job("p", job.job_id)) == 0
 
 
-async def test_expired_lease_makes_job_due_again_and_old_token_is_powerless(redis_client: aioredis.Redis) -> None:
+async def test_expired_lease_makes_job_due_again_and_old_token_is_powerless(
+    redis_client: aioredis.Redis,
+) -> None:
     spool = Spool(redis_client)
     await spool.enqueue([_job()])
     first = (await spool.claim("p", limit=1, visibility_ms=50)).jobs[0]
     await asyncio.sleep(0.1)
     second = (await spool.claim("p", limit=1, visibility_ms=30_000)).jobs[0]
     assert second.job_id == first.job_id and second.token != first.token
-    assert await spool.ack("p", [first]) == 0          # the dead worker's late ack changes nothing
+    assert await spool.ack("p", [first]) == 0  # the dead worker's late ack changes nothing
     assert not await spool.defer(first, delay_ms=0)
     assert await spool.depth("p") == 1
     assert await spool.ack("p", [second]) == 1
@@ -72,7 +80,7 @@ async def test_claims_are_fifo_and_exclusive_under_concurrency(redis_client: aio
     spool = Spool(redis_client)
     jobs = [_job(n=i) for i in range(300)]
     for chunk in range(0, 300, 50):
-        await spool.enqueue(jobs[chunk:chunk + 50])
+        await spool.enqueue(jobs[chunk : chunk + 50])
 
     async def worker() -> list[str]:
         got: list[str] = []
@@ -85,7 +93,7 @@ async def test_claims_are_fifo_and_exclusive_under_concurrency(redis_client: aio
 
     results = await asyncio.gather(*(worker() for _ in range(8)))
     claimed = [jid for r in results for jid in r]
-    assert sorted(claimed) == sorted(j.job_id for j in jobs)   # each exactly once
+    assert sorted(claimed) == sorted(j.job_id for j in jobs)  # each exactly once
     assert await spool.depth("p") == 0
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import operator
 import subprocess
 import sys
 from pathlib import Path
-
-import operator
 
 import mxgate
 import mxgate_operator
@@ -24,8 +23,10 @@ def test_stdlib_operator_intact_in_the_same_process() -> None:
 
 def test_stdlib_operator_intact_with_repository_root_first_on_path() -> None:
     # `python -c` run from the repository root puts '' (the root) first on sys.path: the worst case.
-    code = ("import operator, mxgate_operator, mxgate; "
-            "assert hasattr(operator, 'itemgetter'), operator; print(operator.__file__)")
+    code = (
+        "import operator, mxgate_operator, mxgate; "
+        "assert hasattr(operator, 'itemgetter'), operator; print(operator.__file__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("operator.py")
     assert str(ROOT) not in out.stdout

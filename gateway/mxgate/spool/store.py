@@ -168,9 +168,13 @@ class Spool:
         except _REDIS_ERRORS as exc:
             raise SpoolError(f"ack failed: {exc}") from exc
 
-    async def defer(self, job: Job, *, delay_ms: int, attempts: int | None = None, last_reply: str | None = None) -> bool:
-        """Reschedule ``job`` ``delay_ms`` from now; False when another worker owns it by now."""
+    async def defer(self, job: Job, *, delay_ms: int, attempts: int | None = None, last_reply: str | None = None,
+                    recipients: Sequence[str] | None = None) -> bool:
+        """Reschedule ``job`` ``delay_ms`` from now, optionally for fewer recipients (the others were
+        delivered or bounced); False when another worker owns the job by now."""
         fields: list[str | int] = []
+        if recipients is not None:
+            fields += ["rcpts", json.dumps(list(recipients))]
         if attempts is not None:
             fields += ["attempts", attempts]
         if last_reply is not None:

@@ -1,0 +1,227 @@
+"""One gateway process: SMTP ingress, the delivery engine and the health endpoints around one Redis.
+
+Gateways keep no state of their own: the spool, the policies and (later) the fleet limits are in
+Redis, so any number of them can run against one Redis and any of them can be killed at any moment.
+
+Shutdown (SIGTERM, as Kubernetes sends it): readiness turns false at once, the listening socket
+closes, SMTP sessions get ``shutdown_grace`` to finish their transaction (a client cut off before its
+``250`` keeps its message and retries elsewhere), deliveries in flight finish or are handed back to
+the spool, and claimed jobs not yet attempted are released so another pod takes them at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import socket
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from aiosmtpd.smtp import SMTP
+
+from mxgate.egress.engine import DeliveryEngine, EngineSettings
+from mxgate.errors import ConfigError
+from mxgate.ingress.auth import Authenticator, Credentials
+from mxgate.ingress.handler import IngressHandler, IngressPolicy, IPNetwork
+from mxgate.ingress.smtp import IngressSMTP
+from mxgate.limits.local import LocalLimiter
+from mxgate.policybook import PolicyBook
+from mxgate.routing.dns import MxResolver
+from mxgate.routing.router import Router
+from mxgate.spool.store import Spool
+from mxgate.telemetry.health import HealthServer
+from mxgate.telemetry.metrics import Metrics
+
+log = logging.getLogger("mxgate.gateway")
+
+DEFAULT_NETWORKS: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewaySettings:
+    """Everything one gateway process needs; the CLI and the Helm chart fill it in."""
+
+    redis_url: str
+    """Redis holding the spool, policies and limits (``redis://[:password@]host:port/db``)."""
+    listen: tuple[str, int] = ("0.0.0.0", 2525)
+    """SMTP listen address."""
+    metrics_listen: tuple[str, int] | None = ("0.0.0.0", 9325)
+    """/healthz, /readyz and /metrics listen address; None disables them."""
+    reuse_port: bool = False
+    """SO_REUSEPORT on the SMTP socket, so several gateway processes share one port."""
+    hostname: str = field(default_factory=socket.getfqdn)
+    """Our name in the banner, EHLO, Received headers and bounce messages."""
+    allowed_networks: tuple[IPNetwork, ...] = DEFAULT_NETWORKS
+    """Clients in these networks may relay without authenticating."""
+    tls_cert: Path | None = None
+    """PEM certificate chain offered with STARTTLS."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+    credentials_file: Path | None = None
+    """File of ``user:$argon2id$...`` lines; enables SMTP AUTH PLAIN and LOGIN."""
+    auth_without_tls: bool = False
+    """Offer AUTH on unencrypted connections too (off: passwords only travel inside TLS)."""
+    max_message_size: int = 25 * 1024 * 1024
+    """Largest message accepted, in bytes (advertised with SIZE)."""
+    max_recipients: int = 1000
+    """Most recipients in one message."""
+    command_timeout: float = 300.0
+    """Seconds an SMTP client may stay silent (RFC 5321 §4.5.3.2 suggests 5 minutes)."""
+    visibility_seconds: float = 60.0
+    """Claim lease of a delivery job: a job held by a dead process is due again after this."""
+    shutdown_grace: float = 25.0
+    """Seconds SMTP sessions and deliveries get to finish on SIGTERM."""
+    dns_servers: tuple[str, ...] | None = None
+    """Name servers for MX lookups; None means the system's resolv.conf."""
+    dns_port: int = 53
+    """Port of ``dns_servers``."""
+    outbound_starttls: bool = True
+    """Use STARTTLS towards next hops that offer it (opportunistic, unverified)."""
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.stopping = False
+        self.redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
+                                             health_check_interval=10)
+        self.metrics = Metrics()
+        self.spool = Spool(self.redis)
+        self.book = PolicyBook(self.redis)
+        self.resolver = MxResolver(nameservers=settings.dns_servers, port=settings.dns_port)
+        self.router = Router(self.book, self.resolver)
+        self.engine = DeliveryEngine(
+            spool=self.spool, book=self.book, router=self.router, limiter=LocalLimiter(), metrics=self.metrics,
+            settings=EngineSettings(helo_name=settings.hostname, visibility_ms=int(settings.visibility_seconds * 1000),
+                                    starttls=settings.outbound_starttls))
+        self.tls_context = self._tls_context()
+        self.authenticator = (Authenticator(Credentials.load(settings.credentials_file))
+                              if settings.credentials_file else None)
+        auth_offered = self.authenticator is not None
+        self.handler = IngressHandler(
+            IngressPolicy(hostname=settings.hostname, allowed_networks=settings.allowed_networks,
+                          max_recipients=settings.max_recipients, max_message_size=settings.max_message_size,
+                          auth_offered=auth_offered),
+            self.spool, self.router, self.metrics)
+        self.sessions: set[IngressSMTP] = set()
+        self.server: asyncio.Server | None = None
+        self.health: HealthServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        cert, key = self.settings.tls_cert, self.settings.tls_key
+        if cert is None and key is None:
+            return None
+        if cert is None or key is None:
+            raise ConfigError("--tls-cert and --tls-key go together")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load TLS certificate {cert} / key {key}: {exc}") from exc
+        return context
+
+    def _protocol(self) -> SMTP:
+        smtp = IngressSMTP(
+            self.handler, authenticator=self.authenticator, hostname=self.settings.hostname,
+            ident="mxgate ESMTP", tls_context=self.tls_context, data_size_limit=self.settings.max_message_size,
+            enable_SMTPUTF8=True, timeout=self.settings.command_timeout,
+            auth_require_tls=not self.settings.auth_without_tls,
+            command_call_limit={"AUTH": 3, "*": 1_000_000})
+        self.sessions.add(smtp)
+        original = smtp.connection_lost
+
+        def connection_lost(exc: Exception | None) -> None:
+            self.sessions.discard(smtp)
+            original(exc)
+
+        smtp.connection_lost = connection_lost  # type: ignore[method-assign]
+        return smtp
+
+    async def readiness(self) -> list[str]:
+        problems = []
+        if self.stopping:
+            problems.append("shutting down")
+        try:
+            await asyncio.wait_for(self.redis.ping(), timeout=1.0)
+        except (aioredis.RedisError, OSError, TimeoutError) as exc:
+            problems.append(f"redis unreachable: {exc or type(exc).__name__}")
+        if not self.book.loaded:
+            problems.append("no policies published yet (is `mxgate controller` or the operator running?)")
+        return problems
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.book.reload()
+        self._tasks.append(loop.create_task(self.book.run()))
+        self.engine.start()
+        host, port = self.settings.listen
+        try:
+            self.server = await loop.create_server(self._protocol, host=host, port=port,
+                                                   reuse_port=self.settings.reuse_port or None, backlog=1024)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        if self.settings.metrics_listen is not None:
+            mhost, mport = self.settings.metrics_listen
+            self.health = HealthServer(host=mhost, port=mport, readiness=self.readiness)
+            try:
+                await self.health.start()
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {mhost}:{mport}: {exc.strerror}") from exc
+        log.info("gateway started", extra={"listen": f"{host}:{port}", "redis": _redact(self.settings.redis_url),
+                                           "tls": self.tls_context is not None, "auth": self.authenticator is not None})
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def shutdown(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.handler.accepting = False
+        grace = self.settings.shutdown_grace
+        log.info("shutting down", extra={"grace": grace, "sessions": len(self.sessions)})
+        if self.server is not None:
+            self.server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace / 2
+        while self.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session.transport.close()
+        await self.engine.stop(grace=max(1.0, deadline + grace / 2 - loop.time()))
+        for task in self._tasks:
+            task.cancel()
+        if self.health is not None:
+            await self.health.stop()
+        with contextlib.suppress(aioredis.RedisError, OSError):
+            await self.redis.aclose()
+        log.info("stopped")
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Start, serve until SIGTERM/SIGINT (or ``stop``), then shut down gracefully."""
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signum, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.shutdown()
+
+
+def _redact(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"

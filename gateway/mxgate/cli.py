@@ -1,0 +1,286 @@
+"""The ``mxgate`` command line.
+
+    mxgate gateway     one gateway process (SMTP in, delivery out) against a Redis
+    mxgate controller  loads ProviderPolicy files into Redis and keeps them there
+    mxgate dev         everything on one machine: embedded Redis + controller + gateway
+    mxgate passwd      prints a credentials-file line for SMTP AUTH
+
+Configuration errors end with a one-line message on stderr and exit status 2; nothing half-starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import ipaddress
+import logging
+import os
+import socket
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from mxgate import __version__
+from mxgate.errors import ConfigError, MxgateError
+from mxgate.telemetry.logs import configure_logging
+
+log = logging.getLogger("mxgate.cli")
+
+
+def host_port(text: str, *, default_port: int | None = None) -> tuple[str, int]:
+    from mxgate.policy import parse_host_port
+
+    try:
+        host, port = parse_host_port(text, default_port=default_port or 0)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    if port == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
+    return host, port
+
+
+def networks(text: str) -> tuple[Any, ...]:
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            out.append(ipaddress.ip_network(part, strict=False))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a CIDR network: {exc}") from exc
+    return tuple(out)
+
+
+def existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return path
+
+
+def _gateway_options(parser: argparse.ArgumentParser, *, with_redis: bool) -> None:
+    if with_redis:
+        parser.add_argument("--redis-url", default=os.environ.get("MXGATE_REDIS_URL"),
+                            help="Redis URL (default: $MXGATE_REDIS_URL)")
+    parser.add_argument("--listen", type=host_port, default=("0.0.0.0", 2525), metavar="HOST:PORT",
+                        help="SMTP listen address (default 0.0.0.0:2525)")
+    parser.add_argument("--metrics-listen", type=host_port, default=("0.0.0.0", 9325), metavar="HOST:PORT",
+                        help="/healthz, /readyz and /metrics (default 0.0.0.0:9325)")
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="share the SMTP port with other gateway processes (SO_REUSEPORT)")
+    parser.add_argument("--hostname", default=socket.getfqdn(), help="name in banner, EHLO and Received headers")
+    parser.add_argument("--allowed-networks", type=networks, default=networks("127.0.0.0/8,::1/128"),
+                        metavar="CIDR[,CIDR...]", help="clients that may relay without AUTH (default loopback)")
+    parser.add_argument("--tls-cert", type=existing_file, help="PEM certificate for STARTTLS")
+    parser.add_argument("--tls-key", type=existing_file, help="PEM private key for STARTTLS")
+    parser.add_argument("--credentials-file", type=existing_file,
+                        help="user:$argon2id$... lines (mxgate passwd); enables AUTH PLAIN/LOGIN")
+    parser.add_argument("--auth-without-tls", action="store_true",
+                        help="also offer AUTH on unencrypted connections (insecure; off by default)")
+    parser.add_argument("--max-message-size", type=int, default=25 * 1024 * 1024, metavar="BYTES")
+    parser.add_argument("--max-recipients", type=int, default=1000)
+    parser.add_argument("--command-timeout", type=float, default=300.0, metavar="SECONDS")
+    parser.add_argument("--visibility", type=float, default=60.0, metavar="SECONDS",
+                        help="claim lease of a delivery job; a dead process's jobs are due again after it")
+    parser.add_argument("--shutdown-grace", type=float, default=25.0, metavar="SECONDS")
+    parser.add_argument("--dns-server", action="append", metavar="IP", help="name server for MX lookups (repeatable)")
+    parser.add_argument("--dns-port", type=int, default=53)
+    parser.add_argument("--no-outbound-starttls", action="store_true", help="never use STARTTLS towards next hops")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mxgate", description="Outbound SMTP gateway that keeps a fleet "
+                                     "within each mailbox provider's connection and rate limits.")
+    parser.add_argument("--version", action="version", version=f"mxgate {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("MXGATE_LOG_LEVEL", "info"),
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="json", choices=["json", "text"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gateway = sub.add_parser("gateway", help="run one gateway process against a Redis")
+    _gateway_options(gateway, with_redis=True)
+
+    controller = sub.add_parser("controller", help="load ProviderPolicy files into Redis and keep them there")
+    controller.add_argument("--redis-url", default=os.environ.get("MXGATE_REDIS_URL"))
+    controller.add_argument("--policies", type=Path, required=True, metavar="DIR")
+    controller.add_argument("--once", action="store_true", help="publish once and exit")
+
+    dev = sub.add_parser("dev", help="embedded Redis + controller + gateway on this machine")
+    _gateway_options(dev, with_redis=False)
+    dev.add_argument("--policies", type=Path, default=Path("examples/policies"), metavar="DIR")
+    dev.add_argument("--data-dir", type=Path, default=Path(".mxgate-dev"), metavar="DIR",
+                     help="where the embedded Redis keeps its append-only file (default .mxgate-dev)")
+    dev.add_argument("--redis-port", type=int, default=0, help="embedded Redis port (default: a free one)")
+
+    passwd = sub.add_parser("passwd", help="print a credentials-file line for USER (password from stdin or prompt)")
+    passwd.add_argument("user")
+
+    policy = sub.add_parser("policy", help="work with ProviderPolicy files")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
+    validate = policy_sub.add_parser("validate", help="validate policy files offline")
+    validate.add_argument("files", nargs="+", type=Path)
+    return parser
+
+
+def gateway_settings(args: argparse.Namespace, *, redis_url: str) -> Any:
+    from mxgate.app import GatewaySettings
+
+    return GatewaySettings(
+        redis_url=redis_url, listen=args.listen, metrics_listen=args.metrics_listen, reuse_port=args.reuse_port,
+        hostname=args.hostname, allowed_networks=args.allowed_networks, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, credentials_file=args.credentials_file, auth_without_tls=args.auth_without_tls,
+        max_message_size=args.max_message_size, max_recipients=args.max_recipients,
+        command_timeout=args.command_timeout, visibility_seconds=args.visibility,
+        shutdown_grace=args.shutdown_grace, dns_servers=tuple(args.dns_server) if args.dns_server else None,
+        dns_port=args.dns_port, outbound_starttls=not args.no_outbound_starttls)
+
+
+def _require_redis_url(args: argparse.Namespace) -> str:
+    if not args.redis_url:
+        raise ConfigError("--redis-url is required (or set MXGATE_REDIS_URL)")
+    if not str(args.redis_url).startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"--redis-url {args.redis_url!r}: expected redis://, rediss:// or unix://")
+    return str(args.redis_url)
+
+
+async def _gateway(args: argparse.Namespace) -> None:
+    from mxgate.app import Gateway
+
+    gateway = Gateway(gateway_settings(args, redis_url=_require_redis_url(args)))
+    await gateway.run()
+
+
+async def _controller(args: argparse.Namespace) -> None:
+    import redis.asyncio as aioredis
+
+    from mxgate_operator.filemode import FileController
+
+    redis = aioredis.Redis.from_url(_require_redis_url(args))
+    controller = FileController(redis, args.policies)
+    try:
+        await controller.publish()
+        if not args.once:
+            await _until_signal(controller.run())
+    except (aioredis.RedisError, OSError) as exc:
+        raise ConfigError(f"cannot reach Redis at {args.redis_url}: {exc}") from exc
+    finally:
+        await redis.aclose()
+
+
+async def _dev(args: argparse.Namespace) -> None:
+    import redis.asyncio as aioredis
+
+    from mxgate.app import Gateway
+    from mxgate.embedded_redis import EmbeddedRedis
+    from mxgate_operator.filemode import FileController
+
+    from mxgate.policy import load_policy_dir
+
+    load_policy_dir(args.policies)  # fail before starting anything
+    redis_server = EmbeddedRedis(args.data_dir.resolve(), port=args.redis_port or None).start()
+    try:
+        redis = aioredis.Redis.from_url(redis_server.url)
+        controller = FileController(redis, args.policies)
+        await controller.publish()
+        gateway = Gateway(gateway_settings(args, redis_url=redis_server.url))
+        stop = asyncio.Event()
+        control_task = asyncio.get_running_loop().create_task(controller.run())
+        run_task = asyncio.get_running_loop().create_task(gateway.run(stop))
+        while gateway.server is None and not run_task.done():
+            await asyncio.sleep(0.05)
+        if run_task.done():
+            await run_task
+        host, port = args.listen
+        metrics = f"http://{args.metrics_listen[0]}:{args.metrics_listen[1]}" if args.metrics_listen else "off"
+        print(f"mxgate dev: SMTP on {host}:{gateway.port}, Redis at {redis_server.url} "
+              f"(data in {args.data_dir}), policies from {args.policies}, health and metrics on {metrics}. "
+              "Ctrl-C stops.", file=sys.stderr, flush=True)
+        try:
+            await run_task
+        finally:
+            control_task.cancel()
+            await redis.aclose()
+    finally:
+        redis_server.stop()
+
+
+async def _until_signal(coro: Coroutine[Any, Any, None]) -> None:
+    import signal
+
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(coro)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+def _passwd(args: argparse.Namespace) -> None:
+    from mxgate.ingress.auth import hash_password
+
+    if ":" in args.user or not args.user.strip():
+        raise ConfigError("user names must be non-empty and must not contain ':'")
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.user}: ")
+        if password != getpass.getpass("again: "):
+            raise ConfigError("passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 12:
+        raise ConfigError("use a password of at least 12 characters")
+    print(f"{args.user}:{hash_password(password)}")
+
+
+def _policy_validate(args: argparse.Namespace) -> int:
+    from mxgate.errors import PolicyError
+    from mxgate.policy import load_policy_file
+
+    status = 0
+    for path in args.files:
+        try:
+            policies = load_policy_file(path)
+        except PolicyError as exc:
+            print(str(exc), file=sys.stderr)
+            status = 1
+            continue
+        for policy in policies:
+            print(f"{path}: {policy.name}: ok")
+    return status
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(level=args.log_level, json_format=args.log_format == "json")
+    try:
+        if args.command == "gateway":
+            _run(_gateway(args))
+        elif args.command == "controller":
+            _run(_controller(args))
+        elif args.command == "dev":
+            _run(_dev(args))
+        elif args.command == "passwd":
+            _passwd(args)
+        elif args.command == "policy":
+            return _policy_validate(args)
+    except MxgateError as exc:
+        print(f"mxgate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

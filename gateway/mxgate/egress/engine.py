@@ -1,0 +1,414 @@
+"""The delivery engine: one dispatcher per provider, each with its own connections.
+
+    DeliveryEngine
+      ├── ProviderDispatcher "microsoft"   claims due jobs -> per-next-hop local queues -> connections
+      ├── ProviderDispatcher "domain:example.org"
+      └── ...
+
+Every provider has its own dispatcher, queue and connection slots, so mail to a throttled provider
+never holds up mail to another. A dispatcher claims only as many jobs as its connections can work
+through soon (``prefetch``), so a backlog stays in Redis where every gateway pod can take from it,
+and renews the visibility lease of the jobs it holds. Connections are reused for up to
+``maxMessagesPerConnection`` messages and closed after ``idleTimeoutSeconds`` without work.
+
+Dispatchers start when ingress announces new mail ("wake" events), when a periodic scan of the
+provider index finds due work (mail deferred earlier, or jobs left by a crashed pod), and stop after
+a minute of idleness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from datetime import UTC, datetime
+from dataclasses import dataclass
+from typing import Protocol
+
+from mxgate.egress.dsn import RecipientFailure, build_dsn, should_notify
+from mxgate.egress.outcome import EXPIRED_STATUS, judge
+from mxgate.egress.replies import DeferralClass, SmtpReply
+from mxgate.egress.retry import RetrySchedule
+from mxgate.egress.session import DeliveryReport, GreetingRefused, OutboundSession
+from mxgate.errors import DeliveryError, DnsPermanentError, DnsTemporaryError, SpoolError
+from mxgate.policy import Limits
+from mxgate.policybook import PolicyBook
+from mxgate.routing.router import NextHop, Router
+from mxgate.spool.store import Job, NewJob, Spool
+from mxgate.telemetry.logs import queue_id_var
+from mxgate.telemetry.metrics import Metrics
+
+log = logging.getLogger("mxgate.delivery")
+
+DISPATCHER_IDLE_EXIT = 60.0   # seconds without work before a provider's dispatcher stops
+SCAN_INTERVAL = 2.0           # how often the provider index is scanned for due work
+ACK_BATCH = 64                # acks are batched: one round trip per batch instead of per message
+ACK_DELAY = 0.005             # ... and flushed at least this often (seconds)
+
+
+class Limiter(Protocol):
+    def connection(self, provider: str, *, limit: int) -> contextlib.AbstractAsyncContextManager[None]: ...
+    async def message(self, provider: str, *, rate: float | None, burst: int | None) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineSettings:
+    helo_name: str
+    visibility_ms: int = 60_000          # claim lease; renewed every third of it while the job is held
+    connect_timeout: float = 30.0
+    command_timeout: float = 60.0
+    retry: RetrySchedule = RetrySchedule()
+    starttls: bool = True
+
+
+class DeliveryEngine:
+    def __init__(self, *, spool: Spool, book: PolicyBook, router: Router, limiter: Limiter,
+                 settings: EngineSettings, metrics: Metrics) -> None:
+        self.spool = spool
+        self.book = book
+        self.router = router
+        self.limiter = limiter
+        self.settings = settings
+        self.metrics = metrics
+        self.dispatchers: dict[str, ProviderDispatcher] = {}
+        self.stopping = False
+        self._scan_task: asyncio.Task[None] | None = None
+        self._rng = random.Random()
+        book.on_wake(self.wake)
+
+    def start(self) -> None:
+        self._scan_task = asyncio.get_running_loop().create_task(self._scan())
+
+    def wake(self, provider: str) -> None:
+        if self.stopping:
+            return
+        dispatcher = self.dispatchers.get(provider)
+        if dispatcher is None or dispatcher.done:
+            dispatcher = ProviderDispatcher(self, provider)
+            self.dispatchers[provider] = dispatcher
+            dispatcher.start()
+        else:
+            dispatcher.poke()
+
+    async def _scan(self) -> None:
+        while not self.stopping:
+            try:
+                for provider in await self.spool.providers():
+                    if provider not in self.dispatchers or self.dispatchers[provider].done:
+                        self.wake(provider)
+            except SpoolError as exc:
+                log.warning("provider scan failed: %s", exc)
+            await asyncio.sleep(SCAN_INTERVAL)
+
+    async def stop(self, *, grace: float) -> None:
+        """Stop claiming; let connections finish their current message; hand everything else back."""
+        self.stopping = True
+        if self._scan_task:
+            self._scan_task.cancel()
+        await asyncio.gather(*(d.stop(grace=grace) for d in self.dispatchers.values()), return_exceptions=True)
+
+    def random(self) -> float:
+        return self._rng.random()
+
+
+class ProviderDispatcher:
+    def __init__(self, engine: DeliveryEngine, provider: str) -> None:
+        self.engine = engine
+        self.provider = provider
+        self.pending: dict[tuple[NextHop, ...], deque[Job]] = {}
+        self.held: dict[str, Job] = {}            # every claimed job not yet finished, for lease renewal
+        self.connections: dict[tuple[NextHop, ...], set[asyncio.Task[None]]] = {}
+        self.acks: list[Job] = []
+        self.done = False
+        self._poke = asyncio.Event()
+        self._work = asyncio.Condition()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._claim_loop()), loop.create_task(self._renew_loop()),
+                       loop.create_task(self._ack_loop())]
+
+    def poke(self) -> None:
+        self._poke.set()
+
+    @property
+    def limits(self) -> Limits:
+        return self.engine.book.limits(self.provider)
+
+    def open_connections(self) -> int:
+        return sum(len(tasks) for tasks in self.connections.values())
+
+    def queued(self) -> int:
+        return sum(len(q) for q in self.pending.values())
+
+    async def stop(self, *, grace: float) -> None:
+        self._tasks[0].cancel()
+        conns = [t for tasks in self.connections.values() for t in tasks]
+        async with self._work:
+            self._work.notify_all()  # idle connections notice `stopping` and quit
+        if conns:
+            _, still = await asyncio.wait(conns, timeout=grace)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+        for queue in self.pending.values():
+            while queue:
+                await self._release(queue.popleft())
+        for job in list(self.held.values()):  # interrupted mid-delivery: due again at once
+            await self._release(job)
+        await self._flush_acks()
+        for task in self._tasks[1:]:
+            task.cancel()
+        self.done = True
+
+    async def _release(self, job: Job) -> None:
+        self.held.pop(job.job_id, None)
+        try:
+            await self.engine.spool.release(job)
+        except SpoolError:
+            pass  # the lease expires on its own; nothing is lost
+
+    # -- claiming ------------------------------------------------------------------------------------
+
+    def _prefetch(self) -> int:
+        # Enough for every connection to have its next message ready, not more: the rest of a backlog
+        # stays in Redis for other pods.
+        return min(500, max(4, 2 * self.limits.max_connections))
+
+    async def _claim_loop(self) -> None:
+        engine = self.engine
+        idle_since = time.monotonic()
+        try:
+            while not engine.stopping:
+                room = self._prefetch() - len(self.held)
+                sleep_for = 1.0
+                if room > 0:
+                    try:
+                        claim = await engine.spool.claim(self.provider, limit=min(room, 100),
+                                                         visibility_ms=engine.settings.visibility_ms)
+                    except SpoolError as exc:
+                        log.warning("claim failed for %s: %s", self.provider, exc)
+                        await asyncio.sleep(1.0)
+                        continue
+                    for job in claim.jobs:
+                        self.held[job.job_id] = job
+                        await self._route(job)
+                    if claim.jobs:
+                        idle_since = time.monotonic()
+                        self._spawn_connections()
+                        continue
+                    if claim.next_due_ms is not None:
+                        sleep_for = min(1.0, max(0.001, (claim.next_due_ms - claim.now_ms) / 1000))
+                    elif not self.held and time.monotonic() - idle_since > DISPATCHER_IDLE_EXIT:
+                        break
+                else:
+                    idle_since = time.monotonic()
+                self._spawn_connections()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._poke.wait(), timeout=sleep_for)
+                self._poke.clear()
+        finally:
+            if not engine.stopping:
+                self.done = not self.held
+                if self.done:
+                    for task in self._tasks[1:]:
+                        task.cancel()
+
+    async def _route(self, job: Job) -> None:
+        engine = self.engine
+        token = queue_id_var.set(job.queue_id)
+        try:
+            provider = await engine.router.provider_for(job.domain)
+            if provider != self.provider:
+                self.held.pop(job.job_id, None)
+                await engine.spool.move(job, provider)
+                log.info("job moved to provider %s", provider, extra={"job": job.job_id})
+                engine.wake(provider)
+                return
+            hops = tuple(await engine.router.next_hops(self.provider, job.domain))
+        except DnsTemporaryError as exc:
+            await self._finish(job, DeliveryReport({r: SmtpReply(451, exc.enhanced, str(exc)) for r in job.recipients}, ""))
+            return
+        except DnsPermanentError as exc:
+            await self._finish(job, DeliveryReport({r: SmtpReply(550, exc.enhanced, str(exc)) for r in job.recipients}, ""))
+            return
+        except SpoolError as exc:
+            log.warning("could not move job: %s", exc)
+            return
+        finally:
+            queue_id_var.reset(token)
+        self.pending.setdefault(hops, deque()).append(job)
+        async with self._work:
+            self._work.notify()
+
+    def _spawn_connections(self) -> None:
+        limit = self.limits.max_connections
+        for hops, queue in self.pending.items():
+            tasks = self.connections.setdefault(hops, set())
+            # One connection per queued job at most (the rest can wait for a reused connection).
+            while queue and len(tasks) < len(queue) and self.open_connections() < limit:
+                task = asyncio.get_running_loop().create_task(self._connection(hops))
+                tasks.add(task)
+                task.add_done_callback(lambda t, tasks=tasks: (tasks.discard(t), self.poke()))
+
+    # -- connections ---------------------------------------------------------------------------------
+
+    async def _next_job(self, hops: tuple[NextHop, ...], *, wait: float) -> Job | None:
+        queue = self.pending.get(hops)
+        if queue:
+            return queue.popleft()
+        async with self._work:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._work.wait_for(lambda: bool(self.pending.get(hops))
+                                                           or self.engine.stopping), timeout=wait)
+        queue = self.pending.get(hops)
+        return queue.popleft() if queue and not self.engine.stopping else None
+
+    async def _connection(self, hops: tuple[NextHop, ...]) -> None:
+        engine = self.engine
+        limits = self.limits
+        async with engine.limiter.connection(self.provider, limit=limits.max_connections):
+            first = await self._next_job(hops, wait=0)
+            if first is None:
+                return
+            session = OutboundSession(helo_name=engine.settings.helo_name, resolver=engine.router.resolver,
+                                      timeout=engine.settings.command_timeout, starttls=engine.settings.starttls)
+            try:
+                await session.open(hops)
+            except GreetingRefused as exc:
+                engine.metrics.connection_error(self.provider)
+                await self._finish(first, DeliveryReport({r: exc.reply for r in first.recipients}, exc.hop.host))
+                return
+            except DeliveryError as exc:
+                engine.metrics.connection_error(self.provider)
+                log.warning("%s", exc, extra={"provider": self.provider})
+                reply = SmtpReply(451, "4.4.1", str(exc)[:400])
+                await self._finish(first, DeliveryReport({r: reply for r in first.recipients}, ""))
+                return
+            job: Job | None = first
+            try:
+                while job is not None:
+                    await engine.limiter.message(self.provider, rate=self.limits.messages_per_second,
+                                                 burst=self.limits.burst)
+                    report = await self._attempt(session, job)
+                    await self._finish(job, report)
+                    if not session.usable or session.messages >= self.limits.max_messages_per_connection:
+                        break
+                    job = await self._next_job(hops, wait=self.limits.idle_timeout_seconds)
+            finally:
+                await session.quit()
+
+    async def _attempt(self, session: OutboundSession, job: Job) -> DeliveryReport:
+        token = queue_id_var.set(job.queue_id)
+        started = time.monotonic()
+        try:
+            with self.engine.metrics.attempt_span(self.provider, job) as span:
+                report = await session.deliver(job)
+                span.set_attribute("mxgate.remote", report.remote)
+            self.engine.metrics.attempt_done(self.provider, time.monotonic() - started)
+            return report
+        finally:
+            queue_id_var.reset(token)
+
+    # -- outcomes ------------------------------------------------------------------------------------
+
+    async def _finish(self, job: Job, report: DeliveryReport) -> None:
+        engine = self.engine
+        token = queue_id_var.set(job.queue_id)
+        try:
+            age = time.time() - job.created_ms / 1000
+            verdict = judge(report.replies, attempts=job.attempts, age=age, schedule=engine.settings.retry,
+                            rand=engine.random())
+            metrics = engine.metrics
+            for rcpt in verdict.delivered:
+                metrics.delivered(self.provider)
+                log.info("delivered", extra={"rcpt": rcpt, "remote": report.remote,
+                                             "reply": str(report.replies[rcpt])})
+            for rcpt, reply in verdict.failed:
+                metrics.failed(self.provider)
+                log.warning("failed permanently", extra={"rcpt": rcpt, "reply": str(reply)})
+            for rcpt, reply in verdict.deferred:
+                metrics.deferred(self.provider, verdict.deferral or DeferralClass.OTHER)
+                log.info("deferred", extra={"rcpt": rcpt, "reply": str(reply), "retry_in": round(verdict.retry_delay, 1)})
+            try:
+                if verdict.failed:
+                    await self._notify_sender(job, verdict.failed, report.remote, expired=verdict.expired)
+                if verdict.deferred:
+                    ok = await engine.spool.defer(
+                        job, delay_ms=int(verdict.retry_delay * 1000), attempts=job.attempts + 1,
+                        last_reply=str(verdict.deferred[0][1]), recipients=[r for r, _ in verdict.deferred])
+                    if not ok:
+                        log.warning("lost the claim before deferring; another worker owns the job now")
+                    self.held.pop(job.job_id, None)
+                else:
+                    self.acks.append(job)
+                    if len(self.acks) >= ACK_BATCH:
+                        await self._flush_acks()
+            except SpoolError as exc:
+                # Nothing is lost: the claim lease expires and the job is attempted again.
+                log.error("could not record the outcome: %s", exc)
+                self.held.pop(job.job_id, None)
+        finally:
+            queue_id_var.reset(token)
+
+    async def _notify_sender(self, job: Job, failed: list[tuple[str, SmtpReply]], remote: str, *,
+                             expired: bool) -> None:
+        if job.dsn or not should_notify(job.sender):
+            return
+        engine = self.engine
+        failures = [RecipientFailure(recipient=rcpt, status=_dsn_status(reply, expired=expired),
+                                     remote_mta=remote or None, diagnostic=str(reply))
+                    for rcpt, reply in failed]
+        now = time.time()
+        body = build_dsn(reporting_mta=engine.settings.helo_name, sender=job.sender, queue_id=job.queue_id,
+                         arrival=datetime.fromtimestamp(job.created_ms / 1000, UTC),
+                         now=datetime.fromtimestamp(now, UTC), failures=failures, original=job.body)
+        domain = job.sender.rpartition("@")[2].lower()
+        provider = await engine.router.provider_for(domain)
+        await engine.spool.enqueue([NewJob(provider=provider, job_id=f"{job.job_id}.dsn{job.attempts}",
+                                           queue_id=job.queue_id, sender="", recipients=[job.sender],
+                                           domain=domain, body=body, dsn=True)])
+        log.info("delivery status notification queued", extra={"to": job.sender, "provider": provider})
+
+    async def _flush_acks(self) -> None:
+        if not self.acks:
+            return
+        batch, self.acks = self.acks, []
+        try:
+            await self.engine.spool.ack(self.provider, batch)
+        except SpoolError as exc:
+            log.error("ack failed (the jobs will be delivered again after their lease): %s", exc)
+        for job in batch:
+            self.held.pop(job.job_id, None)
+        self.poke()
+
+    async def _ack_loop(self) -> None:
+        while True:
+            await asyncio.sleep(ACK_DELAY)
+            await self._flush_acks()
+
+    async def _renew_loop(self) -> None:
+        visibility = self.engine.settings.visibility_ms
+        while True:
+            await asyncio.sleep(visibility / 3000)
+            if self.held:
+                try:
+                    await self.engine.spool.extend(self.provider, list(self.held.values()), visibility_ms=visibility)
+                except SpoolError as exc:
+                    log.warning("lease renewal failed: %s", exc)
+
+
+
+def _dsn_status(reply: SmtpReply, *, expired: bool) -> str:
+    """The DSN status of a failed recipient: its own enhanced code, or 5.4.7 when it ran out of time."""
+    if expired:
+        return "5" + EXPIRED_STATUS[1:]
+    if reply.enhanced and reply.enhanced[0] == "5":
+        return reply.enhanced
+    return f"{reply.code // 100}.0.0"

@@ -1,0 +1,213 @@
+"""One outbound SMTP connection (aiosmtplib), reused for many messages to one next hop.
+
+``OutboundSession.open`` walks the next hops in order (MX preference, or the policy's static route) and
+each host's addresses until one greets with 220; ``deliver`` runs MAIL / RCPT... / DATA for one job and
+returns each recipient's reply, so partial acceptance is honoured per recipient. STARTTLS is
+opportunistic, like Postfix's ``smtp_tls_security_level = may``: used when offered, certificates not
+verified (nothing to verify them against for arbitrary MX hosts), and if the TLS handshake fails the
+session reconnects in plain text rather than deferring the mail.
+
+A refusal in the greeting (``421 4.7.652 ... maximum number of connections``) is not a broken next hop
+but a throttling signal: it surfaces as ``GreetingRefused`` carrying the reply for classification.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiosmtplib
+from aiosmtplib import SMTPResponseException, SMTPServerDisconnected, SMTPTimeoutError
+
+from mxgate.egress.replies import SmtpReply
+from mxgate.errors import DeliveryError
+from mxgate.routing.dns import MxResolver
+from mxgate.routing.router import NextHop
+from mxgate.spool.store import Job
+
+
+class GreetingRefused(DeliveryError):
+    """The next hop answered the connection with a refusal (often a connection-limit signal)."""
+
+    def __init__(self, hop: NextHop, reply: SmtpReply) -> None:
+        super().__init__(f"{hop} refused the connection: {reply}")
+        self.hop = hop
+        self.reply = reply
+
+
+# Replies we synthesise when the remote never answered: they classify as ordinary deferrals.
+LOST_CONNECTION = SmtpReply(451, "4.4.2", "connection to the next hop lost")
+TIMED_OUT = SmtpReply(451, "4.4.2", "timed out waiting for the next hop")
+
+
+def _insecure_tls_context() -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(slots=True)
+class DeliveryReport:
+    """Each recipient's final reply for one attempt at one job."""
+
+    replies: dict[str, SmtpReply]
+    remote: str
+
+
+class OutboundSession:
+    def __init__(self, *, helo_name: str, resolver: MxResolver | None, timeout: float = 60.0,
+                 starttls: bool = True) -> None:
+        self.helo_name = helo_name
+        self.resolver = resolver
+        self.timeout = timeout
+        self.starttls = starttls
+        self.smtp: aiosmtplib.SMTP | None = None
+        self.hop: NextHop | None = None
+        self.messages = 0
+
+    @property
+    def usable(self) -> bool:
+        return self.smtp is not None and self.smtp.is_connected
+
+    async def open(self, hops: Sequence[NextHop]) -> None:
+        """Connect to the first next hop that greets us; raise DeliveryError if none does."""
+        failures: list[str] = []
+        for hop in hops:
+            if _is_ip(hop.host) or self.resolver is None:
+                addresses: Sequence[str] = [hop.host]
+            else:
+                try:
+                    addresses = await self.resolver.addresses(hop.host)
+                except DeliveryError as exc:  # DNS errors are RoutingErrors; record and try the next hop
+                    failures.append(f"{hop}: {exc}")
+                    continue
+                except Exception as exc:  # noqa: BLE001 - any lookup failure means "try the next host"
+                    failures.append(f"{hop}: {exc}")
+                    continue
+            for address in addresses:
+                try:
+                    await self._connect(hop, address, tls=self.starttls)
+                    return
+                except GreetingRefused:
+                    raise
+                except _TlsFailed:
+                    try:
+                        await self._connect(hop, address, tls=False)
+                        return
+                    except GreetingRefused:
+                        raise
+                    except (OSError, aiosmtplib.SMTPException, TimeoutError) as exc:
+                        failures.append(f"{hop} ({address}): {exc}")
+                except (OSError, aiosmtplib.SMTPException, TimeoutError) as exc:
+                    failures.append(f"{hop} ({address}): {exc}")
+        raise DeliveryError("no next hop reachable: " + "; ".join(failures or ["no next hops"]))
+
+    async def _connect(self, hop: NextHop, address: str, *, tls: bool) -> None:
+        smtp = aiosmtplib.SMTP(hostname=address, port=hop.port, local_hostname=self.helo_name,
+                               timeout=self.timeout, start_tls=False)
+        try:
+            await smtp.connect()
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            smtp.close()
+            raise GreetingRefused(hop, SmtpReply.parse(exc.code, exc.message)) from exc
+        try:
+            await smtp.ehlo()
+        except SMTPResponseException:
+            await smtp.helo()
+        if tls and smtp.supports_extension("starttls"):
+            try:
+                await smtp.starttls(tls_context=_insecure_tls_context(), server_hostname=hop.host)
+            except (ssl.SSLError, OSError, aiosmtplib.SMTPException) as exc:
+                smtp.close()
+                raise _TlsFailed(str(exc)) from exc
+        self.smtp = smtp
+        self.hop = hop
+        self.messages = 0
+
+    async def deliver(self, job: Job) -> DeliveryReport:
+        """One MAIL/RCPT/DATA transaction. Never raises for remote replies; the session may end up unusable."""
+        assert self.smtp is not None and self.hop is not None
+        smtp = self.smtp
+        remote = self.hop.host
+        replies: dict[str, SmtpReply] = {}
+        self.messages += 1
+        try:
+            mail_args = [b"FROM:<" + job.sender.encode("utf-8", "surrogateescape") + b">"]
+            if smtp.supports_extension("8bitmime") and any(b > 0x7F for b in job.body[:65536]):
+                mail_args.append(b"BODY=8BITMIME")
+            if smtp.supports_extension("smtputf8") and not (job.sender + "".join(job.recipients)).isascii():
+                mail_args.append(b"SMTPUTF8")
+            response = await smtp.execute_command(b"MAIL", *mail_args)
+            if response.code != 250:
+                reply = SmtpReply.parse(response.code, response.message)
+                await self._reset()
+                return DeliveryReport({r: reply for r in job.recipients}, remote)
+            accepted = []
+            for rcpt in job.recipients:
+                response = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode("utf-8", "surrogateescape") + b">")
+                replies[rcpt] = SmtpReply.parse(response.code, response.message)
+                if 200 <= response.code < 300:
+                    accepted.append(rcpt)
+                elif response.code == 421:
+                    break
+            for rcpt in job.recipients:
+                replies.setdefault(rcpt, LOST_CONNECTION)
+            if not accepted:
+                await self._reset()
+                return DeliveryReport(replies, remote)
+            try:
+                response = await smtp.data(job.body)
+                final = SmtpReply.parse(response.code, response.message)
+            except SMTPResponseException as exc:
+                final = SmtpReply.parse(exc.code, exc.message)
+                if exc.code == 421:
+                    smtp.close()
+            for rcpt in accepted:
+                replies[rcpt] = final
+            return DeliveryReport(replies, remote)
+        except SMTPTimeoutError:
+            self.close()
+            return DeliveryReport({r: replies.get(r, TIMED_OUT) for r in job.recipients}, remote)
+        except (SMTPServerDisconnected, OSError):
+            self.close()
+            # A recipient already refused keeps its reply; the others are retried.
+            return DeliveryReport(
+                {r: replies[r] if r in replies and replies[r].code >= 500 else LOST_CONNECTION
+                 for r in job.recipients}, remote)
+
+    async def _reset(self) -> None:
+        if self.usable:
+            try:
+                assert self.smtp is not None
+                await self.smtp.rset()
+            except (aiosmtplib.SMTPException, OSError):
+                self.close()
+
+    async def quit(self) -> None:
+        if self.usable:
+            assert self.smtp is not None
+            try:
+                await self.smtp.quit(timeout=5)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                pass
+        self.close()
+
+    def close(self) -> None:
+        if self.smtp is not None:
+            self.smtp.close()
+        self.smtp = None
+
+
+class _TlsFailed(Exception):
+    pass

@@ -1,0 +1,72 @@
+"""``mxgate controller``: the control plane without Kubernetes.
+
+Loads ProviderPolicy files from a directory into Redis and keeps them there: the directory is checked
+every ``poll_interval`` seconds and republished when a file changes. A broken file is reported and the
+last good table stays in force (at start-up a broken file is an error: nothing good exists yet).
+The table is also republished periodically, so a Redis that lost its data (or a flushed test Redis)
+gets it back without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from mxgate.errors import PolicyError
+from mxgate.policy import ProviderPolicy, load_policy_dir
+from mxgate_operator.publish import publish_policies
+
+log = logging.getLogger("mxgate.controller")
+
+
+def _snapshot(directory: Path) -> tuple[tuple[str, float, int], ...]:
+    files = sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")])
+    out = []
+    for path in files:
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        out.append((path.name, stat.st_mtime, stat.st_size))
+    return tuple(out)
+
+
+class FileController:
+    def __init__(self, redis: aioredis.Redis, directory: Path, *, poll_interval: float = 2.0,
+                 republish_interval: float = 30.0) -> None:
+        self.redis = redis
+        self.directory = directory
+        self.poll_interval = poll_interval
+        self.republish_interval = republish_interval
+        self.policies: list[ProviderPolicy] = load_policy_dir(directory)  # errors surface at start-up
+        self._seen = _snapshot(directory)
+
+    async def publish(self) -> str:
+        revision = await publish_policies(self.redis, self.policies, writer="mxgate-controller")
+        log.info("policies published", extra={"revision": revision, "policies": [p.name for p in self.policies]})
+        return revision
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_publish = 0.0
+        while True:
+            seen = _snapshot(self.directory)
+            changed = seen != self._seen
+            if changed:
+                self._seen = seen
+                try:
+                    self.policies = load_policy_dir(self.directory)
+                except PolicyError as exc:
+                    log.error("policy files not reloaded, keeping the last good ones: %s", exc)
+                    changed = False
+            if changed or loop.time() >= next_publish:
+                try:
+                    await self.publish()
+                    next_publish = loop.time() + self.republish_interval
+                except (aioredis.RedisError, OSError) as exc:
+                    log.warning("cannot publish policies: %s", exc)
+                    next_publish = loop.time() + self.poll_interval
+            await asyncio.sleep(self.poll_interval)
