@@ -316,6 +316,32 @@ class ProcessManager:
             self.processes.remove(proc)
         return rc
 
+    def stop_many(
+        self, procs: Sequence[ManagedProcess], timeout: float = 10.0
+    ) -> dict[str, dict[str, float | int | None]]:
+        """Signal several processes at once, wait for them, SIGKILL stragglers; forget them.
+
+        Returns, per process name, its exit status (negative: killed by that signal, so -9
+        means it did not stop within ``timeout`` seconds) and how long it took to exit.
+        """
+        start = time.monotonic()
+        for proc in procs:
+            if proc.alive():
+                _signal_group(proc.pid, proc.stop_signal)
+        report: dict[str, dict[str, float | int | None]] = {}
+        for proc in procs:
+            remaining = max(0.0, timeout - (time.monotonic() - start))
+            try:
+                proc.popen.wait(remaining)
+            except subprocess.TimeoutExpired:
+                pass
+            took = time.monotonic() - start
+            rc = proc.stop(timeout=0.1)
+            report[proc.name] = {"exit_status": rc, "seconds": round(took, 2)}
+            with contextlib.suppress(ValueError):
+                self.processes.remove(proc)
+        return report
+
     def stop_all(self) -> None:
         """Stop every process and run every cleanup, newest first; never raises."""
         while self.processes:

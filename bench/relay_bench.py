@@ -199,20 +199,24 @@ def run_load(
     last_progress = t0
     last_seen = (-1, -1)
     prev_delivered = 0
+
+    def source_exited(at: float) -> float:
+        """Record smtp-source's exit: its CPU time, and fail if it reported an error."""
+        nonlocal source_cpu
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        source_cpu = (after.ru_utime - children_before.ru_utime) + (after.ru_stime - children_before.ru_stime)
+        manager.stop(source)
+        if source.popen.returncode != 0:
+            raise BenchError(
+                f"[{system}] smtp-source failed with status {source.popen.returncode}: "
+                f"`{shlex.join(argv)}`\n{log_tail(source.log_path, 10)}"
+            )
+        return at
+
     while True:
         now = time.monotonic()
         if ingest_end is None and source.popen.poll() is not None:
-            ingest_end = now
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
-            source_cpu = (after.ru_utime - children_before.ru_utime) + (
-                after.ru_stime - children_before.ru_stime
-            )
-            manager.stop(source)
-            if source.popen.returncode != 0:
-                raise BenchError(
-                    f"[{system}] smtp-source failed with status {source.popen.returncode}: "
-                    f"`{shlex.join(argv)}`\n{log_tail(source.log_path, 10)}"
-                )
+            ingest_end = source_exited(now)
         delivered = sink.delivered() - base
         if delivered >= n:
             e2e_end = now
@@ -239,11 +243,9 @@ def run_load(
             )
         time.sleep(0.02)
 
-    assert ingest_end is not None or e2e_end is not None
-    if ingest_end is None:  # the sink saw everything before we saw smtp-source exit
+    if ingest_end is None:  # the sink had everything before smtp-source exited (a synchronous relay)
         source.popen.wait(60)
-        ingest_end = time.monotonic()
-        manager.stop(source)
+        ingest_end = source_exited(time.monotonic())
     cpu = {label: cpu_seconds(pids()) - cpu_before[label] for label, pids in cpu_roots.items()}
     cpu["smtp-sink"] = cpu_seconds([sink.proc.pid]) - cpu_before["smtp-sink"]
     cpu["smtp-source"] = source_cpu
@@ -417,6 +419,8 @@ def run_mxgate(args: argparse.Namespace, workdir: Path) -> RunResult:
                 "redis": lambda: [redis.proc.pid],
             },
         )
+        # Stop the gateways now (SIGTERM, all at once) to see whether they shut down cleanly.
+        result.checks["gateway_stop"] = manager.stop_many([g for g, _ in gateways], timeout=args.stop_timeout)
         result.checks["gateways"] = args.gateways
         result.checks["redis_persistence"] = "appendonly yes, appendfsync everysec, no RDB"
         result.checks["log_error_lines"] = {
@@ -490,7 +494,8 @@ def versions(systems: Sequence[str], mxgate_cmd: str | None) -> dict[str, str]:
             timeout=30,
             check=False,
         )
-        info["mxgate"] = done.stdout.strip() if done.returncode == 0 else "unknown"
+        version = done.stdout.strip()
+        info["mxgate"] = version.removeprefix("mxgate ") if done.returncode == 0 and version else "unknown"
     commit = tool_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     if commit and re.fullmatch(r"[0-9a-f]+", commit):
         dirty = tool_output(
@@ -593,6 +598,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--start-timeout", type=float, default=60.0, help="seconds to wait for mxgate's /readyz (default: 60)"
+    )
+    parser.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=30.0,
+        help="seconds mxgate gateways get to exit after SIGTERM before SIGKILL (default: 30)",
     )
     args = parser.parse_args(argv)
     if args.messages < 1 or args.sessions < 1 or args.size < 0 or args.gateways < 1:

@@ -360,6 +360,8 @@ def test_any_input_gives_a_well_formed_dsn(diagnostic: str, recipient: str, orig
         ({"recipient": ""}, "recipient"),
         ({"recipient": "bob@example.org\r\nBcc: x@y"}, "recipient"),
         ({"recipient": "x" * 300 + "@example.org"}, "256 octets"),
+        ({"recipient": b"b\xffb@example.org".decode("utf-8", "surrogateescape")}, "not valid UTF-8"),
+        ({"recipient": "\u00e9" + "+" * 200 + "@x.example"}, "too long to report"),
         ({"action": "delivered"}, "action"),
         ({"status": "5.1"}, "status"),
         ({"status": "2.0.0"}, "does not fit"),

@@ -143,7 +143,7 @@ def test_schedule_is_frozen_and_keyword_only() -> None:
     with pytest.raises(AttributeError):
         DEFAULT.max_age = 1.0  # type: ignore[misc]
     with pytest.raises(TypeError):
-        RetrySchedule(60.0)  # type: ignore[misc]
+        RetrySchedule(60.0)  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize(

@@ -60,8 +60,8 @@ MAX_DIAGNOSTIC_CHARS = 900
 """A diagnostic is cut to this many characters so that even one unbreakable word plus
 ``Diagnostic-Code: smtp; `` stays within 998 octets."""
 MAX_ADDRESS_OCTETS = 256
-"""RFC 5321 §4.5.3.1.3: the longest path. The longest xtext escaping of that (6 characters per 2-octet
-character) still fits a line with its field name."""
+"""RFC 5321 §4.5.3.1.3: the longest path. Its utf-8-addr-xtext form is checked separately: escaping turns
+one octet ("+") into up to six characters, so a pathological address can still outgrow a line."""
 MAX_ORIGINAL_HEADERS_OCTETS = 64 * 1024
 """Bounds the returned header section: enough for any honest message (Postfix's header_size_limit is 100 KiB
 for the whole header), small enough that a bounce never carries bulk."""
@@ -106,6 +106,9 @@ class RecipientFailure:
         allowed = "45" if self.action == "failed" else "4"
         if status.group(1) not in allowed:
             raise ValueError(f"status {self.status!r} does not fit action {self.action!r}")
+        # Final-Recipient is one unbreakable word: it must fit a line with its field name.
+        if len(_typed_address(self.recipient)) > MAX_LINE_OCTETS - len("Final-Recipient: "):
+            raise ValueError(f"recipient is too long to report once escaped (RFC 6533): {self.recipient!r}")
         if self.remote_mta is not None:
             _check_host("remote_mta", self.remote_mta)
         if self.last_attempt is not None:
@@ -416,7 +419,11 @@ def _bare(address: str) -> str:
 def _check_address(name: str, address: str) -> None:
     if not address or _CONTROL.search(address) or address != address.strip():
         raise ValueError(f"{name} must be a non-empty address without control characters, got {address!r}")
-    if len(address.encode("utf-8", "surrogatepass")) > MAX_ADDRESS_OCTETS:
+    try:
+        octets = len(address.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate: octets that were never UTF-8 (surrogateescape)
+        raise ValueError(f"{name} is not valid UTF-8: {address!r}") from None
+    if octets > MAX_ADDRESS_OCTETS:
         raise ValueError(f"{name} is longer than {MAX_ADDRESS_OCTETS} octets (RFC 5321 §4.5.3.1.3)")
 
 

@@ -95,6 +95,8 @@ class IngressHandler:
             if self.policy.auth_offered:
                 return "530 5.7.0 Authentication required"
             return "554 5.7.1 Relay access denied: client not in allowed networks"
+        if address == "<>":
+            address = ""  # the null reverse-path (bounces): aiosmtpd hands it over with its brackets
         if address and recipient_domain(address) is None:
             return "501 5.1.7 Bad sender address syntax"
         envelope.mail_from = address

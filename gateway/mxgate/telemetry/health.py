@@ -32,6 +32,11 @@ class HealthServer:
         site = web.TCPSite(self._runner, self.host, self.port, reuse_port=True)
         await site.start()
 
+    @property
+    def bound_port(self) -> int:
+        assert self._runner is not None
+        return int(self._runner.addresses[0][1])
+
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
