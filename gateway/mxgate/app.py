@@ -80,6 +80,8 @@ class GatewaySettings:
     """Name servers for MX lookups; None means the system's resolv.conf."""
     dns_port: int = 53
     """Port of ``dns_servers``."""
+    mx_port: int = 25
+    """Port to connect to on MX hosts (25; another in a lab)."""
     outbound_starttls: bool = True
     """Use STARTTLS towards next hops that offer it (opportunistic, unverified)."""
 
@@ -94,7 +96,7 @@ class Gateway:
         self.spool = Spool(self.redis)
         self.book = PolicyBook(self.redis)
         self.resolver = MxResolver(nameservers=settings.dns_servers, port=settings.dns_port)
-        self.router = Router(self.book, self.resolver)
+        self.router = Router(self.book, self.resolver, settings.mx_port)
         self.engine = DeliveryEngine(
             spool=self.spool, book=self.book, router=self.router, limiter=LocalLimiter(), metrics=self.metrics,
             settings=EngineSettings(helo_name=settings.hostname, visibility_ms=int(settings.visibility_seconds * 1000),

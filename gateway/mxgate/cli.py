@@ -85,6 +85,7 @@ def _gateway_options(parser: argparse.ArgumentParser, *, with_redis: bool) -> No
     parser.add_argument("--shutdown-grace", type=float, default=25.0, metavar="SECONDS")
     parser.add_argument("--dns-server", action="append", metavar="IP", help="name server for MX lookups (repeatable)")
     parser.add_argument("--dns-port", type=int, default=53)
+    parser.add_argument("--mx-port", type=int, default=25, help="port of MX next hops (default 25)")
     parser.add_argument("--no-outbound-starttls", action="store_true", help="never use STARTTLS towards next hops")
 
 
@@ -132,7 +133,7 @@ def gateway_settings(args: argparse.Namespace, *, redis_url: str) -> Any:
         max_message_size=args.max_message_size, max_recipients=args.max_recipients,
         command_timeout=args.command_timeout, visibility_seconds=args.visibility,
         shutdown_grace=args.shutdown_grace, dns_servers=tuple(args.dns_server) if args.dns_server else None,
-        dns_port=args.dns_port, outbound_starttls=not args.no_outbound_starttls)
+        dns_port=args.dns_port, mx_port=args.mx_port, outbound_starttls=not args.no_outbound_starttls)
 
 
 def _require_redis_url(args: argparse.Namespace) -> str:

@@ -120,12 +120,47 @@ class Limits(_Model):
     )
 
 
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """``"250ms"``, ``"30s"``, ``"5m"``, ``"2h"``, ``"5d"`` -> seconds."""
+    match = _DURATION_RE.match(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a duration (a number followed by ms, s, m, h or d, e.g. 30s)")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+Duration = Annotated[str, Field(pattern=_DURATION_RE.pattern)]
+
+
+class Retry(_Model):
+    """When deferred mail is tried again, and when it is given up (bounced to the sender)."""
+
+    initial_delay: Duration = Field(default="1m", description="First retry after an ordinary deferral.")
+    max_delay: Duration = Field(default="1h", description="Longest wait between retries; delays double up to it.")
+    throttled_delay: Duration = Field(
+        default="5s", description="First retry after a throttling deferral (connections, rate): the limiter paces it.")
+    throttled_max_delay: Duration = Field(default="5m", description="Longest wait after throttling deferrals.")
+    max_age: Duration = Field(default="5d", description="Mail still undelivered after this is bounced (5.4.7).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Retry:
+        if parse_duration(self.max_delay) < parse_duration(self.initial_delay):
+            raise ValueError("maxDelay must not be shorter than initialDelay")
+        if parse_duration(self.throttled_max_delay) < parse_duration(self.throttled_delay):
+            raise ValueError("throttledMaxDelay must not be shorter than throttledDelay")
+        return self
+
+
 class ProviderPolicySpec(_Model):
     """What makes up one mailbox provider and the limits towards it."""
 
     match: Match = Field(default_factory=Match, description="Which recipient domains belong to this provider.")
     route: Route | None = Field(default=None, description="Static next hops; when unset, DNS MX is used.")
     limits: Limits = Field(default_factory=Limits, description="Fleet-wide limits towards this provider.")
+    retry: Retry = Field(default_factory=Retry, description="Retry schedule and maximum age of deferred mail.")
 
 
 class Metadata(_Model):

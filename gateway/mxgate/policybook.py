@@ -21,7 +21,8 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from mxgate import keys
-from mxgate.policy import DEFAULT_POLICY_NAME, Limits, ProviderPolicy, ProviderTable
+from mxgate.egress.retry import RetrySchedule
+from mxgate.policy import DEFAULT_POLICY_NAME, Limits, ProviderPolicy, ProviderTable, Retry, parse_duration
 
 log = logging.getLogger("mxgate.policybook")
 
@@ -37,7 +38,7 @@ class PolicyBook:
         self.revision = b""
         self._on_wake: list[Callable[[str], None]] = []
         self._on_change: list[Callable[[], None]] = []
-        self._changed = asyncio.Event()
+        self._schedules: dict[Retry, RetrySchedule] = {}
 
     # -- queries ---------------------------------------------------------------------------------------
 
@@ -48,6 +49,17 @@ class PolicyBook:
         """Limits in force for ``provider``; unmatched domains get the ``default`` policy's, per domain."""
         policy = self.table.policies.get(provider) or self.table.policies.get(DEFAULT_POLICY_NAME)
         return policy.spec.limits if policy else _BUILTIN_DEFAULT
+
+    def retry(self, provider: str) -> RetrySchedule:
+        policy = self.table.policies.get(provider) or self.table.policies.get(DEFAULT_POLICY_NAME)
+        spec = policy.spec.retry if policy else Retry()
+        cached = self._schedules.get(spec)
+        if cached is None:
+            cached = self._schedules[spec] = RetrySchedule(
+                initial_delay=parse_duration(spec.initial_delay), max_delay=parse_duration(spec.max_delay),
+                throttled_delay=parse_duration(spec.throttled_delay),
+                throttled_max_delay=parse_duration(spec.throttled_max_delay), max_age=parse_duration(spec.max_age))
+        return cached
 
     def on_wake(self, callback: Callable[[str], None]) -> None:
         self._on_wake.append(callback)

@@ -10,6 +10,7 @@ import aiosmtplib
 import pytest
 
 from mxgate.embedded_redis import EmbeddedRedis
+from mxgate.policy import Retry
 from support.gateway import policy, publish, running_gateway
 from support.sink import Sink, SinkHandler
 
@@ -79,11 +80,10 @@ async def test_temporary_failure_is_retried(redis_server: EmbeddedRedis, redis_c
     handler = SinkHandler(data_reply="451 4.7.500 Server busy")
     sink = await Sink(handler).start()
     try:
-        await publish(redis_server.url, [policy("p", domains=["outlook.test"], route=[f"127.0.0.1:{sink.port}"])])
-        from mxgate.egress.retry import RetrySchedule
+        p = policy("p", domains=["outlook.test"], route=[f"127.0.0.1:{sink.port}"])
+        p = p.model_copy(update={"spec": p.spec.model_copy(update={"retry": Retry(initial_delay="300ms")})})
+        await publish(redis_server.url, [p])
         async with running_gateway(redis_server.url) as gw:
-            gw.engine.settings = type(gw.engine.settings)(helo_name="mxgate.test", visibility_ms=5000,
-                                                          retry=RetrySchedule(initial_delay=0.3, jitter=0.0))
             async with aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.port) as smtp:
                 await smtp.sendmail("app@example.com", ["u@outlook.test"], message(7))
             await asyncio.sleep(0.5)

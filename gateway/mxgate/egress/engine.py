@@ -31,7 +31,6 @@ from typing import Protocol
 from mxgate.egress.dsn import RecipientFailure, build_dsn, should_notify
 from mxgate.egress.outcome import EXPIRED_STATUS, judge
 from mxgate.egress.replies import DeferralClass, SmtpReply
-from mxgate.egress.retry import RetrySchedule
 from mxgate.egress.session import DeliveryReport, GreetingRefused, OutboundSession
 from mxgate.errors import DeliveryError, DnsPermanentError, DnsTemporaryError, SpoolError
 from mxgate.policy import Limits
@@ -60,7 +59,6 @@ class EngineSettings:
     visibility_ms: int = 60_000          # claim lease; renewed every third of it while the job is held
     connect_timeout: float = 30.0
     command_timeout: float = 60.0
-    retry: RetrySchedule = RetrySchedule()
     starttls: bool = True
 
 
@@ -157,12 +155,12 @@ class ProviderDispatcher:
             for task in still:
                 task.cancel()
             await asyncio.gather(*still, return_exceptions=True)
+        await self._flush_acks()  # first: a finished job must be deleted, not handed back
         for queue in self.pending.values():
             while queue:
                 await self._release(queue.popleft())
         for job in list(self.held.values()):  # interrupted mid-delivery: due again at once
             await self._release(job)
-        await self._flush_acks()
         for task in self._tasks[1:]:
             task.cancel()
         self.done = True
@@ -323,7 +321,7 @@ class ProviderDispatcher:
         token = queue_id_var.set(job.queue_id)
         try:
             age = time.time() - job.created_ms / 1000
-            verdict = judge(report.replies, attempts=job.attempts, age=age, schedule=engine.settings.retry,
+            verdict = judge(report.replies, attempts=job.attempts, age=age, schedule=engine.book.retry(self.provider),
                             rand=engine.random())
             metrics = engine.metrics
             for rcpt in verdict.delivered:

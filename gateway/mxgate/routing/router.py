@@ -33,6 +33,8 @@ class NextHop:
 class Router:
     book: PolicyBook
     resolver: MxResolver
+    mx_port: int = 25
+    """Port of MX next hops: 25 on the internet; another port in a lab or behind a port-mapping proxy."""
 
     async def provider_for(self, domain: str) -> str:
         table = self.book.table
@@ -58,4 +60,4 @@ class Router:
         if policy is not None and policy.spec.route is not None:
             return [NextHop(host, port) for host, port in policy.spec.route.next_hops()]
         answer = await self.resolver.mx(domain)
-        return [NextHop(host.name, 25) for host in answer.hosts]
+        return [NextHop(host.name, self.mx_port) for host in answer.hosts]

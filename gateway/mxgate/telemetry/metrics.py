@@ -20,7 +20,14 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from mxgate.spool.store import Job
+from typing import Protocol
+
+class _JobLike(Protocol):
+    queue_id: str
+    job_id: str
+    recipients: list[str]
+    attempts: int
+
 
 _PROVIDERS: tuple[MeterProvider, TracerProvider] | None = None
 
@@ -87,7 +94,7 @@ class Metrics:
         self._duration.record(seconds, {"provider": provider})
 
     @contextmanager
-    def attempt_span(self, provider: str, job: Job) -> Iterator[trace.Span]:
+    def attempt_span(self, provider: str, job: _JobLike) -> Iterator[trace.Span]:
         with self.tracer.start_as_current_span("smtp.delivery_attempt", attributes={
             "mxgate.provider": provider, "mxgate.queue_id": job.queue_id, "mxgate.job_id": job.job_id,
             "mxgate.recipients": len(job.recipients), "mxgate.attempt": job.attempts + 1,
