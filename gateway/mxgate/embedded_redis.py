@@ -3,8 +3,8 @@
 It runs the real ``redis-server`` binary (Debian's ``redis-server`` package) on loopback with the
 persistence mxgate relies on: an append-only file fsynced every second (``--appendonly yes
 --appendfsync everysec``), so a message acknowledged with ``250`` survives a crash of any mxgate
-process and a kill -9 of Redis itself (the AOF write happens before Redis replies; only an operating
-system crash can lose the last second). Use ``appendfsync="always"`` to close that last gap too.
+process and a kill -9 of Redis itself (Redis writes the AOF before replying). What ``everysec`` can
+lose is spelt out in docs/architecture.md; ``appendfsync="always"`` closes those gaps.
 """
 
 from __future__ import annotations
