@@ -19,6 +19,18 @@ small (the policy table, the provider index).
                                             qid, from, rcpts (JSON), domain, body, created, attempts,
                                             claim (token of the current holder), last (last reply), dsn
 
+  Fleet limits (per egress identity <id>: the sending IP or pool; "default" until pools exist)
+    mxg:{p:<provider>}:limits       HASH    effective limits in force now (controller/operator writes):
+                                            maxConnections, messagesPerSecond, burst, ... (see limits/)
+    mxg:{p:<provider>}:leases:<id>  ZSET    connection lease token -> expiry ms (a distributed semaphore)
+    mxg:{p:<provider>}:waiters:<id> ZSET    waiting connection attempt -> arrival ms (FIFO across pods)
+    mxg:{p:<provider>}:waitbeat:<id> ZSET   waiting connection attempt -> last seen ms (stale ones go)
+    mxg:{p:<provider>}:gcra:<id>    STRING  GCRA theoretical arrival time (ms) of the message rate
+    mxg:{p:<provider>}:hour:<id>:<n> STRING messages sent in hour n (hourly cap); day:<id>:<n> likewise
+
+  Telemetry (each gateway adds its counters once per second; the operator and `mxgate status` read)
+    mxg:{p:<provider>}:tm:<second>  HASH    counter name -> count for that epoch second, TTL 15 minutes
+
 Provider ids are policy names (``microsoft``) or ``domain:<domain>`` for unmatched domains.
 """
 
@@ -32,7 +44,11 @@ PROVIDERS = f"{PREFIX}:providers"
 EVENTS = f"{PREFIX}:events"
 
 EVENT_POLICIES = "policies"
-EVENT_WAKE = "wake"
+EVENT_WAKE = "wake"          # "wake <provider>": new mail queued
+EVENT_FREE = "free"          # "free <provider>": a connection lease was released
+EVENT_LIMITS = "limits"      # "limits <provider>": effective limits changed
+
+DEFAULT_IDENTITY = "default"
 
 
 def provider_tag(provider: str) -> str:
@@ -50,3 +66,35 @@ def job_prefix(provider: str) -> str:
 
 def job(provider: str, job_id: str) -> str:
     return f"{job_prefix(provider)}{job_id}"
+
+
+def limits(provider: str) -> str:
+    return f"{provider_tag(provider)}:limits"
+
+
+def leases(provider: str, identity: str = DEFAULT_IDENTITY) -> str:
+    return f"{provider_tag(provider)}:leases:{identity}"
+
+
+def waiters(provider: str, identity: str = DEFAULT_IDENTITY) -> str:
+    return f"{provider_tag(provider)}:waiters:{identity}"
+
+
+def waitbeat(provider: str, identity: str = DEFAULT_IDENTITY) -> str:
+    return f"{provider_tag(provider)}:waitbeat:{identity}"
+
+
+def gcra(provider: str, identity: str = DEFAULT_IDENTITY) -> str:
+    return f"{provider_tag(provider)}:gcra:{identity}"
+
+
+def hour_count(provider: str, hour: int, identity: str = DEFAULT_IDENTITY) -> str:
+    return f"{provider_tag(provider)}:hour:{identity}:{hour}"
+
+
+def day_count(provider: str, day: int, identity: str = DEFAULT_IDENTITY) -> str:
+    return f"{provider_tag(provider)}:day:{identity}:{day}"
+
+
+def telemetry(provider: str, second: int) -> str:
+    return f"{provider_tag(provider)}:tm:{second}"

@@ -1,0 +1,214 @@
+"""Fleet-wide limits in Redis: connection leases and the message rate, shared by every gateway pod.
+
+Connection leases are a distributed semaphore per (provider, egress identity): a sorted set of lease
+tokens scored by expiry. ``lease_acquire`` grants a lease when fewer than the limit are held *and* no
+earlier waiter is queued ahead (a FIFO of waiting connection attempts across all pods, so no pod can
+starve another by polling faster); otherwise the attempt joins the queue and sleeps until a release is
+announced on ``mxg:events`` ("free <provider>"), or at the latest half the waiter staleness, when it
+asks again and so proves it is still alive. A crashed pod's leases expire (default lease 30 s, renewed
+every 10 s while the connection lives); its queued attempts go stale after 3 s.
+
+The message rate is GCRA over Redis server time (``gcra.lua``), with optional hourly and daily caps.
+Every script runs on Redis time, never a pod's clock, and touches one hash slot.
+
+A lowered connection limit is applied at the next renewal: surplus leases of idle connections are
+dropped and those connections closed, so the fleet converges to the new limit without cutting a
+message in half.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from importlib import resources
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from mxgate import keys
+from mxgate.errors import MxgateError
+
+log = logging.getLogger("mxgate.limits")
+
+_REDIS_ERRORS = (aioredis.RedisError, OSError)
+
+
+class LimiterUnavailable(MxgateError):
+    """Redis could not be asked for a lease or a rate permit: do not send now, try again later."""
+
+
+def _script(name: str) -> str:
+    return resources.files("mxgate.limits").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
+def default_burst(rate: float) -> int:
+    # A tenth of a second's worth: smooth enough that any 1 s window stays within ~10 % of the rate.
+    return max(1, round(rate / 10))
+
+
+@dataclass(eq=False, slots=True)
+class Lease:
+    """One held connection lease. ``lost`` turns true when Redis says it is no longer ours."""
+
+    provider: str
+    token: str
+    idle: bool = False
+    lost: bool = False
+    surplus: bool = False
+    acquired_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def must_close(self) -> bool:
+        return self.lost or self.surplus
+
+
+class FleetLimiter:
+    def __init__(self, redis: aioredis.Redis, *, lease_ms: int = 30_000, waiter_stale_ms: int = 3_000,
+                 identity: str = keys.DEFAULT_IDENTITY) -> None:
+        self.redis = redis
+        self.lease_ms = lease_ms
+        self.waiter_stale_ms = waiter_stale_ms
+        self.identity = identity
+        self._acquire: AsyncScript = redis.register_script(_script("lease_acquire"))
+        self._renew: AsyncScript = redis.register_script(_script("lease_renew"))
+        self._release: AsyncScript = redis.register_script(_script("lease_release"))
+        self._gcra: AsyncScript = redis.register_script(_script("gcra"))
+        self._freed: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self.held: dict[str, set[Lease]] = defaultdict(set)
+        self.limits_now: dict[str, int] = {}
+        self._renewer: asyncio.Task[None] | None = None
+        self._renew_now = asyncio.Event()
+        self.lease_wait_seconds: defaultdict[str, float] = defaultdict(float)  # telemetry reads and resets
+
+    # -- events --------------------------------------------------------------------------------------
+
+    def released(self, provider: str) -> None:
+        """A lease of ``provider`` was released somewhere in the fleet: waiters try again now."""
+        self._freed[provider].set()
+
+    # -- connection leases ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def connection(self, provider: str, *, limit: int) -> AsyncIterator[Lease]:
+        lease = await self.acquire(provider, limit=limit)
+        try:
+            yield lease
+        finally:
+            await self.release(lease)
+
+    async def acquire(self, provider: str, *, limit: int) -> Lease:
+        token = secrets.token_hex(8)
+        waiter = f"w{token}"
+        self.limits_now[provider] = limit
+        started = time.monotonic()
+        event = self._freed[provider]
+        keys_ = [keys.leases(provider, self.identity), keys.waiters(provider, self.identity),
+                 keys.waitbeat(provider, self.identity)]
+        try:
+            while True:
+                event.clear()
+                try:
+                    reply = await self._acquire(keys=keys_, args=[token, self.limits_now[provider], self.lease_ms,
+                                                                  waiter, self.waiter_stale_ms])
+                except _REDIS_ERRORS as exc:
+                    raise LimiterUnavailable(f"cannot acquire a connection lease: {exc}") from exc
+                if int(reply[0]) == 1:
+                    lease = Lease(provider, token)
+                    self.held[provider].add(lease)
+                    self._ensure_renewer()
+                    return lease
+                wait = min(int(reply[1]) / 1000, self.waiter_stale_ms / 2000)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout=wait)
+        except BaseException:
+            # Leave the queue at once so we do not hold up the attempts behind us until we go stale.
+            with contextlib.suppress(*_REDIS_ERRORS):
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.zrem(keys_[1], waiter)
+                pipe.zrem(keys_[2], waiter)
+                await pipe.execute()
+            raise
+        finally:
+            self.lease_wait_seconds[provider] += time.monotonic() - started
+
+    async def release(self, lease: Lease) -> None:
+        self.held[lease.provider].discard(lease)
+        try:
+            await self._release(keys=[keys.leases(lease.provider, self.identity)],
+                                args=[lease.token, keys.EVENTS, f"{keys.EVENT_FREE} {lease.provider}"])
+        except _REDIS_ERRORS as exc:
+            log.warning("lease release failed (it expires by itself): %s", exc)
+
+    def set_limit(self, provider: str, limit: int) -> None:
+        """A new connection limit: waiters use it at once; surplus idle leases go at the next renewal."""
+        old = self.limits_now.get(provider)
+        self.limits_now[provider] = limit
+        if old is not None and limit < old:
+            self._ensure_renewer(now=True)
+        elif old is not None and limit > old:
+            self.released(provider)
+
+    async def renew(self, provider: str) -> None:
+        leases = list(self.held.get(provider, ()))
+        if not leases:
+            return
+        args: list[str | int] = [self.lease_ms, self.limits_now.get(provider, 1)]
+        for lease in leases:
+            args += [lease.token, 1 if lease.idle else 0]
+        try:
+            statuses = await self._renew(keys=[keys.leases(provider, self.identity)], args=args)
+        except _REDIS_ERRORS as exc:
+            log.warning("lease renewal failed: %s", exc)
+            return
+        for lease, status in zip(leases, statuses, strict=True):
+            if int(status) == 0:
+                lease.lost = True
+            elif int(status) == -1:
+                lease.surplus = True
+
+    def _ensure_renewer(self, *, now: bool = False) -> None:
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())
+        if now:
+            self._renew_now.set()
+
+    async def _renew_loop(self) -> None:
+        while any(self.held.values()):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._renew_now.wait(), timeout=self.lease_ms / 3000)
+            self._renew_now.clear()
+            for provider in [p for p, leases in self.held.items() if leases]:
+                await self.renew(provider)
+
+    # -- message rate --------------------------------------------------------------------------------
+
+    async def message(self, provider: str, *, rate: float | None, burst: int | None,
+                      per_hour: int | None = None, per_day: int | None = None) -> None:
+        """Wait until the fleet may send one more message to ``provider``."""
+        if rate is None and not per_hour and not per_day:
+            return
+        interval = 1000.0 / rate if rate else 0.0
+        burst_n = burst if burst else default_burst(rate or 1.0)
+        now = time.time()
+        hour, day = int(now // 3600), int(now // 86400)
+        while True:
+            try:
+                reply = await self._gcra(
+                    keys=[keys.gcra(provider, self.identity), keys.hour_count(provider, hour, self.identity),
+                          keys.day_count(provider, day, self.identity)],
+                    args=[f"{interval:.6f}", burst_n, per_hour or 0, per_day or 0, hour, day])
+            except _REDIS_ERRORS as exc:
+                raise LimiterUnavailable(f"cannot ask for a rate permit: {exc}") from exc
+            status = int(reply[0])
+            if status == 1:
+                return
+            if status == -1:  # a new hour or day began (on Redis's clock): use its numbers for the keys
+                hour, day = int(reply[1]), int(reply[2])
+                continue
+            await asyncio.sleep(int(reply[1]) / 1000)

@@ -1,0 +1,214 @@
+"""Fleet-wide leases and GCRA against a real Redis, driven by many concurrent clients.
+
+Each "pod" is a FleetLimiter with its own Redis connection pool, as separate gateway processes would
+have. The invariants: never more leases than the limit, a crashed holder's lease comes back after the
+lease length, waiters are served first come first served, and the rate never exceeds rate x time + burst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mxgate import keys
+from mxgate.embedded_redis import EmbeddedRedis
+from mxgate.limits.fleet import FleetLimiter
+
+
+async def pods(url: str, n: int, **kwargs: int) -> list[FleetLimiter]:
+    return [FleetLimiter(aioredis.Redis.from_url(url), **kwargs) for _ in range(n)]
+
+
+@contextlib.asynccontextmanager
+async def wake_on_release(url: str, limiters: list[FleetLimiter]) -> AsyncIterator[None]:
+    """What each gateway's PolicyBook does: hand "free <provider>" announcements to the limiter."""
+    listener = aioredis.Redis.from_url(url)
+    pubsub = listener.pubsub()
+    await pubsub.subscribe(keys.EVENTS)
+
+    async def relay() -> None:
+        async for message in pubsub.listen():
+            kind, _, provider = message["data"].decode().partition(" ") if message["type"] == "message" else ("", "", "")
+            if kind == keys.EVENT_FREE:
+                for limiter in limiters:
+                    limiter.released(provider)
+
+    task = asyncio.create_task(relay())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await pubsub.aclose()
+        await listener.aclose()
+
+
+async def close(limiters: list[FleetLimiter]) -> None:
+    for limiter in limiters:
+        if limiter._renewer:
+            limiter._renewer.cancel()
+        await limiter.redis.aclose()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(limit=st.integers(1, 5), clients=st.integers(2, 10), rounds=st.integers(2, 6),
+       holds=st.lists(st.floats(0.0, 0.01), min_size=1, max_size=8))
+async def test_never_more_leases_than_the_limit(redis_server: EmbeddedRedis, limit: int, clients: int,
+                                                rounds: int, holds: list[float]) -> None:
+    provider = f"p{time.monotonic_ns()}"
+    limiters = await pods(redis_server.url, clients)
+    held = 0
+    peak = 0
+    granted = 0
+
+    async def client(i: int) -> None:
+        nonlocal held, peak, granted
+        limiter = limiters[i]
+        for r in range(rounds):
+            async with limiter.connection(provider, limit=limit):
+                held += 1
+                granted += 1
+                peak = max(peak, held)
+                assert held <= limit
+                await asyncio.sleep(holds[(i + r) % len(holds)])
+                held -= 1
+
+    try:
+        async with wake_on_release(redis_server.url, limiters):
+            await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(clients))), timeout=60)
+    finally:
+        await close(limiters)
+    assert peak <= limit
+    assert granted == clients * rounds
+
+
+async def test_a_crashed_holders_lease_expires(redis_server: EmbeddedRedis) -> None:
+    crashed, survivor = await pods(redis_server.url, 2, lease_ms=600)
+    try:
+        await crashed.acquire("crash", limit=1)
+        crashed._renewer.cancel()           # the pod dies: no renewal, no release
+        started = time.monotonic()
+        lease = await asyncio.wait_for(survivor.acquire("crash", limit=1), timeout=5)
+        waited = time.monotonic() - started
+        assert 0.3 < waited < 3.0, waited  # about the lease length, not before, not forever
+        await survivor.release(lease)
+    finally:
+        await close([crashed, survivor])
+
+
+async def test_renewal_keeps_a_lease_beyond_its_length(redis_server: EmbeddedRedis, redis_client) -> None:
+    a, b = await pods(redis_server.url, 2, lease_ms=300)
+    try:
+        lease = await a.acquire("renew", limit=1)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(b.acquire("renew", limit=1), timeout=1.0)  # ~3 lease lengths
+        assert not lease.lost
+        await a.release(lease)
+        assert await redis_client.zcard(keys.waiters("renew")) == 0  # the timed-out waiter left the queue
+    finally:
+        await close([a, b])
+
+
+async def test_waiters_are_served_in_arrival_order_across_pods(redis_server: EmbeddedRedis) -> None:
+    limiters = await pods(redis_server.url, 4)
+    order: list[int] = []
+    try:
+        async with wake_on_release(redis_server.url, limiters):
+            first = await limiters[0].acquire("fifo", limit=1)
+
+            async def wait_then_record(i: int) -> None:
+                async with limiters[i].connection("fifo", limit=1):
+                    order.append(i)
+                    await asyncio.sleep(0.02)
+
+            tasks = []
+            for i in (1, 2, 3):
+                tasks.append(asyncio.create_task(wait_then_record(i)))
+                await asyncio.sleep(0.1)   # arrive in order 1, 2, 3
+            # A greedy pod that keeps asking does not jump the queue.
+            greedy = asyncio.create_task(wait_then_record(0))
+            await asyncio.sleep(0.05)
+            await limiters[0].release(first)
+            await asyncio.wait_for(asyncio.gather(*tasks, greedy), timeout=10)
+            assert order == [1, 2, 3, 0]
+    finally:
+        await close(limiters)
+
+
+async def test_release_wakes_waiters_promptly(redis_server: EmbeddedRedis) -> None:
+    # Without the pub/sub wake-up a waiter would sleep until its heartbeat (half the staleness).
+    a, b = await pods(redis_server.url, 2, waiter_stale_ms=20_000)
+    try:
+        async with wake_on_release(redis_server.url, [b]):
+            lease = await a.acquire("wake", limit=1)
+            waiter = asyncio.create_task(b.acquire("wake", limit=1))
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            await a.release(lease)
+            got = await asyncio.wait_for(waiter, timeout=5)
+            assert time.monotonic() - started < 2.0   # far below the 10 s heartbeat
+            await b.release(got)
+    finally:
+        await close([a, b])
+
+
+async def test_lowered_limit_drops_only_idle_surplus_leases(redis_server: EmbeddedRedis, redis_client) -> None:
+    (pod,) = await pods(redis_server.url, 1)
+    try:
+        leases = [await pod.acquire("shrink", limit=4) for _ in range(4)]
+        leases[0].idle = True
+        leases[1].idle = True
+        pod.set_limit("shrink", 1)
+        await pod.renew("shrink")
+        assert [lease.surplus for lease in leases] == [True, True, False, False]
+        assert await redis_client.zcard(keys.leases("shrink")) == 2   # busy ones finish their message
+        leases[2].idle = True
+        await pod.renew("shrink")
+        assert leases[2].surplus and not leases[3].surplus
+        assert await redis_client.zcard(keys.leases("shrink")) == 1
+    finally:
+        await close([pod])
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rate=st.sampled_from([20.0, 50.0, 200.0]), burst=st.integers(1, 10), clients=st.integers(1, 4))
+async def test_gcra_never_exceeds_rate_times_time_plus_burst(redis_server: EmbeddedRedis, rate: float,
+                                                              burst: int, clients: int) -> None:
+    provider = f"rate{time.monotonic_ns()}"
+    limiters = await pods(redis_server.url, clients)
+    grants = 0
+    duration = 0.6
+    started = time.monotonic()
+
+    async def client(limiter: FleetLimiter) -> None:
+        nonlocal grants
+        while True:
+            await limiter.message(provider, rate=rate, burst=burst)
+            if time.monotonic() - started > duration:
+                return
+            grants += 1
+
+    try:
+        await asyncio.gather(*(client(limiter) for limiter in limiters))
+    finally:
+        await close(limiters)
+    elapsed = time.monotonic() - started
+    assert grants <= rate * elapsed + burst + 1
+    assert grants >= 1
+
+
+async def test_hourly_cap(redis_server: EmbeddedRedis) -> None:
+    (pod,) = await pods(redis_server.url, 1)
+    try:
+        for _ in range(3):
+            await pod.message("cap", rate=None, burst=None, per_hour=3)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(pod.message("cap", rate=None, burst=None, per_hour=3), timeout=0.5)
+    finally:
+        await close([pod])
