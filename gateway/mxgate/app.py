@@ -29,13 +29,15 @@ from mxgate.errors import ConfigError
 from mxgate.ingress.auth import Authenticator, Credentials
 from mxgate.ingress.handler import IngressHandler, IngressPolicy, IPNetwork
 from mxgate.ingress.smtp import IngressSMTP
-from mxgate.limits.local import LocalLimiter
+from mxgate.limits.fleet import FleetLimiter
 from mxgate.policybook import PolicyBook
 from mxgate.routing.dns import MxResolver
 from mxgate.routing.router import Router
 from mxgate.spool.store import Spool
 from mxgate.telemetry.health import HealthServer
+from mxgate.telemetry.fleet import TelemetryRecorder
 from mxgate.telemetry.metrics import Metrics
+from mxgate.telemetry.redis_cost import connect_redis
 
 log = logging.getLogger("mxgate.gateway")
 
@@ -74,6 +76,8 @@ class GatewaySettings:
     """Seconds an SMTP client may stay silent (RFC 5321 §4.5.3.2 suggests 5 minutes)."""
     visibility_seconds: float = 60.0
     """Claim lease of a delivery job: a job held by a dead process is due again after this."""
+    lease_seconds: float = 30.0
+    """Connection lease length: a dead process's connection slots come back to the fleet after this."""
     shutdown_grace: float = 25.0
     """Seconds SMTP sessions and deliveries get to finish on SIGTERM."""
     dns_servers: tuple[str, ...] | None = None
@@ -90,15 +94,16 @@ class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.stopping = False
-        self.redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
-                                             health_check_interval=10)
-        self.metrics = Metrics()
+        self.redis = connect_redis(settings.redis_url)
+        self.recorder = TelemetryRecorder(self.redis)
+        self.metrics = Metrics(recorder=self.recorder)
+        self.limiter = FleetLimiter(self.redis, lease_ms=int(settings.lease_seconds * 1000))
         self.spool = Spool(self.redis)
         self.book = PolicyBook(self.redis)
         self.resolver = MxResolver(nameservers=settings.dns_servers, port=settings.dns_port)
         self.router = Router(self.book, self.resolver, settings.mx_port)
         self.engine = DeliveryEngine(
-            spool=self.spool, book=self.book, router=self.router, limiter=LocalLimiter(), metrics=self.metrics,
+            spool=self.spool, book=self.book, router=self.router, limiter=self.limiter, metrics=self.metrics,
             settings=EngineSettings(helo_name=settings.hostname, visibility_ms=int(settings.visibility_seconds * 1000),
                                     starttls=settings.outbound_starttls))
         self.tls_context = self._tls_context()
@@ -162,6 +167,7 @@ class Gateway:
         await self.book.reload()
         self._tasks.append(loop.create_task(self.book.run()))
         self.engine.start()
+        self.recorder.start()
         host, port = self.settings.listen
         try:
             self.server = await loop.create_server(self._protocol, host=host, port=port,
@@ -202,6 +208,7 @@ class Gateway:
         await self.engine.stop(grace=max(1.0, deadline + grace / 2 - loop.time()))
         for task in self._tasks:
             task.cancel()
+        await self.recorder.stop()
         if self.health is not None:
             await self.health.stop()
         with contextlib.suppress(aioredis.RedisError, OSError):

@@ -113,8 +113,12 @@ class Limits(_Model):
     )
     burst: int | None = Field(
         default=None, ge=0, le=1_000_000,
-        description="Messages that may be sent at once above the steady rate (default: one second's worth).",
+        description="Messages that may be sent at once (default: a tenth of a second's worth, at least 1).",
     )
+    messages_per_hour: int | None = Field(
+        default=None, ge=1, description="Cap on messages per clock hour, fleet-wide (IP warm-up); unset: none.")
+    messages_per_day: int | None = Field(
+        default=None, ge=1, description="Cap on messages per UTC day, fleet-wide (IP warm-up); unset: none.")
     idle_timeout_seconds: float = Field(
         default=5.0, gt=0, le=3600, description="An idle connection is closed after this many seconds."
     )

@@ -6,6 +6,11 @@ on every announcement, and also every ``refresh_interval`` seconds in case an an
 (pub/sub is fire-and-forget). The same subscription carries the "wake <provider>" messages of ingress,
 which the book hands to the delivery engine.
 
+It also keeps each provider's *effective* limits (``mxg:{p:<provider>}:limits``, written by the
+controller as it tightens and relaxes them), reloading one provider's on a "limits <provider>" event and
+all of them on every refresh, and forwards "free <provider>" (a connection lease came back) to the
+fleet limiter.
+
 The gateway is ready only once a controller has published (``mxg:control`` exists): without it the
 gateway would not know any provider's limits.
 """
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -22,6 +27,7 @@ from pydantic import ValidationError
 
 from mxgate import keys
 from mxgate.egress.retry import RetrySchedule
+from mxgate.limits.effective import Effective
 from mxgate.policy import DEFAULT_POLICY_NAME, Limits, ProviderPolicy, ProviderTable, Retry, parse_duration
 
 log = logging.getLogger("mxgate.policybook")
@@ -30,25 +36,39 @@ _BUILTIN_DEFAULT = Limits()
 
 
 class PolicyBook:
-    def __init__(self, redis: aioredis.Redis, *, refresh_interval: float = 5.0) -> None:
+    def __init__(self, redis: aioredis.Redis, *, refresh_interval: float = 2.0) -> None:
         self.redis = redis
         self.refresh_interval = refresh_interval
         self.table = ProviderTable.of([])
         self.loaded = False
         self.revision = b""
+        self.effective: dict[str, Effective] = {}
         self._on_wake: list[Callable[[str], None]] = []
+        self._on_free: list[Callable[[str], None]] = []
+        self._on_limits: list[Callable[[str], None]] = []
         self._on_change: list[Callable[[], None]] = []
         self._schedules: dict[Retry, RetrySchedule] = {}
+        self._background: set[asyncio.Task[bool]] = set()
 
     # -- queries ---------------------------------------------------------------------------------------
 
     def policy(self, provider: str) -> ProviderPolicy | None:
         return self.table.policies.get(provider)
 
-    def limits(self, provider: str) -> Limits:
-        """Limits in force for ``provider``; unmatched domains get the ``default`` policy's, per domain."""
+    def ceiling(self, provider: str) -> Limits:
+        """The policy's limits for ``provider``; unmatched domains get the ``default`` policy's, per domain."""
         policy = self.table.policies.get(provider) or self.table.policies.get(DEFAULT_POLICY_NAME)
         return policy.spec.limits if policy else _BUILTIN_DEFAULT
+
+    def limits(self, provider: str) -> Limits:
+        """Limits in force now: the ceiling with the controller's effective values applied."""
+        ceiling = self.ceiling(provider)
+        effective = self.effective.get(provider)
+        return effective.applied_to(ceiling) if effective else ceiling
+
+    def suspended_until_ms(self, provider: str) -> int:
+        effective = self.effective.get(provider)
+        return effective.suspended_until_ms if effective else 0
 
     def retry(self, provider: str) -> RetrySchedule:
         policy = self.table.policies.get(provider) or self.table.policies.get(DEFAULT_POLICY_NAME)
@@ -67,10 +87,17 @@ class PolicyBook:
     def on_change(self, callback: Callable[[], None]) -> None:
         self._on_change.append(callback)
 
+    def on_free(self, callback: Callable[[str], None]) -> None:
+        self._on_free.append(callback)
+
+    def on_limits(self, callback: Callable[[str], None]) -> None:
+        """Called with the provider whose effective limits changed."""
+        self._on_limits.append(callback)
+
     # -- loading ---------------------------------------------------------------------------------------
 
     async def reload(self) -> bool:
-        """Read the table from Redis. Returns False (and keeps the old table) if Redis fails."""
+        """Read the policy table and every policy's effective limits. False (old state kept) if Redis fails."""
         try:
             pipe = self.redis.pipeline(transaction=True)
             pipe.hgetall(keys.POLICIES)
@@ -82,21 +109,45 @@ class PolicyBook:
         if rev is None:
             self.loaded = False
             return True
-        if rev == self.revision and self.loaded:
+        if rev != self.revision or not self.loaded:
+            policies = []
+            for name, doc in raw.items():
+                try:
+                    policies.append(ProviderPolicy.from_json(doc))
+                except ValidationError as exc:
+                    # A newer controller may write fields this gateway does not know: keep serving the rest.
+                    log.error("ignoring policy %s from Redis: %s", name.decode(), exc.errors()[0]["msg"])
+            self.table = ProviderTable.of(policies)
+            self.revision = rev
+            self.loaded = True
+            log.info("policies loaded", extra={"revision": rev.decode(), "policies": sorted(self.table.policies)})
+            for callback in self._on_change:
+                callback()
+        return await self.reload_limits(*self.table.policies)
+
+    async def reload_limits(self, *providers: str) -> bool:
+        if not providers:
             return True
-        policies = []
-        for name, doc in raw.items():
-            try:
-                policies.append(ProviderPolicy.from_json(doc))
-            except ValidationError as exc:
-                # A newer controller may write fields this gateway does not know: keep serving the rest.
-                log.error("ignoring policy %s from Redis: %s", name.decode(), exc.errors()[0]["msg"])
-        self.table = ProviderTable.of(policies)
-        self.revision = rev
-        self.loaded = True
-        log.info("policies loaded", extra={"revision": rev.decode(), "policies": sorted(self.table.policies)})
-        for callback in self._on_change:
-            callback()
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for provider in providers:
+                pipe.hgetall(keys.limits(provider))
+            answers = await pipe.execute()
+        except (aioredis.RedisError, OSError) as exc:
+            log.warning("cannot read effective limits from Redis: %s", exc)
+            return False
+        for provider, raw in zip(providers, answers, strict=True):
+            before = self.limits(provider)
+            if raw:
+                self.effective[provider] = Effective.from_redis(raw, self.ceiling(provider))
+            else:
+                self.effective.pop(provider, None)
+            if self.limits(provider) != before:
+                log.info("effective limits changed", extra={"provider": provider,
+                                                              "max_connections": self.limits(provider).max_connections,
+                                                              "messages_per_second": self.limits(provider).messages_per_second})
+                for callback in self._on_limits:
+                    callback(provider)
         return True
 
     async def run(self) -> None:
@@ -119,7 +170,6 @@ class PolicyBook:
                         next_refresh = loop.time() + self.refresh_interval
             except (aioredis.RedisError, OSError) as exc:
                 log.warning("event subscription lost: %s; retrying", exc)
-                self.loaded = self.loaded  # keep serving the last table while Redis is away
                 await asyncio.sleep(1.0)
             finally:
                 try:
@@ -132,5 +182,15 @@ class PolicyBook:
         if kind == keys.EVENT_WAKE:
             for callback in self._on_wake:
                 callback(arg)
+        elif kind == keys.EVENT_FREE:
+            for callback in self._on_free:
+                callback(arg)
+        elif kind == keys.EVENT_LIMITS:
+            self._spawn(self.reload_limits(arg))
         elif kind == keys.EVENT_POLICIES:
-            asyncio.get_running_loop().create_task(self.reload())
+            self._spawn(self.reload())
+
+    def _spawn(self, coro: Coroutine[Any, Any, bool]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)   # keep a reference until done (the loop only holds weak ones)
+        task.add_done_callback(self._background.discard)

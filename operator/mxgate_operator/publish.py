@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 
 from mxgate import keys
+from mxgate.limits.effective import Effective
 from mxgate.policy import ProviderPolicy
 
 
@@ -36,3 +37,22 @@ async def publish_policies(redis: aioredis.Redis, policies: Sequence[ProviderPol
     pipe.publish(keys.EVENTS, keys.EVENT_POLICIES)
     await pipe.execute()
     return revision
+
+
+async def publish_effective_limits(redis: aioredis.Redis, provider: str, effective: Effective) -> None:
+    """Put new live limits in force for ``provider`` and tell every gateway at once."""
+    pipe = redis.pipeline(transaction=True)
+    pipe.hset(keys.limits(provider), mapping=effective.to_redis())
+    pipe.publish(keys.EVENTS, f"{keys.EVENT_LIMITS} {provider}")
+    await pipe.execute()
+
+
+async def clear_provider_state(redis: aioredis.Redis, provider: str) -> int:
+    """Delete a provider's effective limits, leases and rate state (policy deleted). Jobs stay queued."""
+    pattern = f"{keys.provider_tag(provider)}:*"
+    doomed = [k async for k in redis.scan_iter(match=pattern, count=500)
+              if not k.decode().startswith((keys.queue(provider), keys.job_prefix(provider)))]
+    if doomed:
+        await redis.delete(*doomed)
+    await redis.publish(keys.EVENTS, f"{keys.EVENT_LIMITS} {provider}")
+    return len(doomed)

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mxgate.egress.dsn import RecipientFailure, build_dsn, should_notify
-from mxgate.egress.outcome import EXPIRED_STATUS, judge
+from mxgate.egress.outcome import EXPIRED_STATUS, Verdict, judge
 from mxgate.egress.replies import DeferralClass, SmtpReply
 from mxgate.egress.session import DeliveryReport, GreetingRefused, OutboundSession
 from mxgate.errors import DeliveryError, DnsPermanentError, DnsTemporaryError, SpoolError
+from mxgate.limits.fleet import Lease, LimiterUnavailable
 from mxgate.policy import Limits
 from mxgate.policybook import PolicyBook
 from mxgate.routing.router import NextHop, Router
@@ -49,8 +50,11 @@ ACK_DELAY = 0.005             # ... and flushed at least this often (seconds)
 
 
 class Limiter(Protocol):
-    def connection(self, provider: str, *, limit: int) -> contextlib.AbstractAsyncContextManager[None]: ...
-    async def message(self, provider: str, *, rate: float | None, burst: int | None) -> None: ...
+    def connection(self, provider: str, *, limit: int) -> contextlib.AbstractAsyncContextManager[Lease]: ...
+    async def message(self, provider: str, *, rate: float | None, burst: int | None,
+                      per_hour: int | None = None, per_day: int | None = None) -> None: ...
+    def set_limit(self, provider: str, limit: int) -> None: ...
+    def released(self, provider: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,6 +80,8 @@ class DeliveryEngine:
         self._scan_task: asyncio.Task[None] | None = None
         self._rng = random.Random()
         book.on_wake(self.wake)
+        book.on_free(limiter.released)
+        book.on_limits(self._limits_changed)
 
     def start(self) -> None:
         self._scan_task = asyncio.get_running_loop().create_task(self._scan())
@@ -111,6 +117,13 @@ class DeliveryEngine:
     def random(self) -> float:
         return self._rng.random()
 
+    def _limits_changed(self, provider: str) -> None:
+        limits = self.book.limits(provider)
+        self.limiter.set_limit(provider, limits.max_connections)
+        dispatcher = self.dispatchers.get(provider)
+        if dispatcher is not None:
+            dispatcher.poke()
+
 
 class ProviderDispatcher:
     def __init__(self, engine: DeliveryEngine, provider: str) -> None:
@@ -121,6 +134,10 @@ class ProviderDispatcher:
         self.connections: dict[tuple[NextHop, ...], set[asyncio.Task[None]]] = {}
         self.acks: list[Job] = []
         self.done = False
+        self.connection_backoff = 0.0       # local reflex state, see _reflex
+        self.no_new_connections_until = 0.0
+        self.rate_backoff = 0.0
+        self.paused_until = 0.0
         self._poke = asyncio.Event()
         self._work = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
@@ -185,6 +202,8 @@ class ProviderDispatcher:
         try:
             while not engine.stopping:
                 room = self._prefetch() - len(self.held)
+                if engine.book.suspended_until_ms(self.provider) > time.time() * 1000:
+                    room = 0  # suspended: leave the mail in Redis
                 sleep_for = 1.0
                 if room > 0:
                     try:
@@ -247,6 +266,10 @@ class ProviderDispatcher:
 
     def _spawn_connections(self) -> None:
         limit = self.limits.max_connections
+        if time.monotonic() < self.no_new_connections_until:
+            return
+        if self.engine.book.suspended_until_ms(self.provider) > time.time() * 1000:
+            return
         for hops, queue in self.pending.items():
             tasks = self.connections.setdefault(hops, set())
             # One connection per queued job at most (the rest can wait for a reused connection).
@@ -257,50 +280,109 @@ class ProviderDispatcher:
 
     # -- connections ---------------------------------------------------------------------------------
 
-    async def _next_job(self, hops: tuple[NextHop, ...], *, wait: float) -> Job | None:
-        queue = self.pending.get(hops)
-        if queue:
-            return queue.popleft()
-        async with self._work:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._work.wait_for(lambda: bool(self.pending.get(hops))
-                                                           or self.engine.stopping), timeout=wait)
-        queue = self.pending.get(hops)
-        return queue.popleft() if queue and not self.engine.stopping else None
+    async def _next_job(self, hops: tuple[NextHop, ...], *, wait: float, lease: Lease | None = None) -> Job | None:
+        """The next queued job for ``hops``, waiting up to ``wait`` seconds; None when there is none, or
+        when the connection must close (its lease was lost or is surplus to a lowered limit)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            if lease is not None and lease.must_close:
+                return None
+            queue = self.pending.get(hops)
+            if queue and not self.engine.stopping:
+                return queue.popleft()
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self.engine.stopping:
+                return None
+            async with self._work:
+                with contextlib.suppress(TimeoutError):
+                    # Short slices: a lease marked surplus while we idle must be noticed soon.
+                    await asyncio.wait_for(self._work.wait_for(
+                        lambda: bool(self.pending.get(hops)) or self.engine.stopping), timeout=min(remaining, 0.5))
 
     async def _connection(self, hops: tuple[NextHop, ...]) -> None:
         engine = self.engine
-        limits = self.limits
-        async with engine.limiter.connection(self.provider, limit=limits.max_connections):
-            first = await self._next_job(hops, wait=0)
-            if first is None:
+        started = time.monotonic()
+        try:
+            async with engine.limiter.connection(self.provider, limit=self.limits.max_connections) as lease:
+                engine.metrics.lease_wait(self.provider, time.monotonic() - started)
+                await self._use_connection(hops, lease)
+        except LimiterUnavailable as exc:
+            # Redis is away: the jobs stay queued here and are tried again (or released on shutdown).
+            log.warning("%s", exc, extra={"provider": self.provider})
+            await asyncio.sleep(1.0)
+
+    async def _use_connection(self, hops: tuple[NextHop, ...], lease: Lease) -> None:
+        engine = self.engine
+        first = await self._next_job(hops, wait=0)
+        if first is None:
+            return
+        session = OutboundSession(helo_name=engine.settings.helo_name, resolver=engine.router.resolver,
+                                  timeout=engine.settings.command_timeout, starttls=engine.settings.starttls)
+        try:
+            await session.open(hops)
+        except GreetingRefused as exc:
+            engine.metrics.connection_error(self.provider)
+            verdict = await self._finish(first, DeliveryReport({r: exc.reply for r in first.recipients}, exc.hop.host))
+            self._reflex(verdict.deferral)
+            return
+        except DeliveryError as exc:
+            engine.metrics.connection_error(self.provider)
+            log.warning("%s", exc, extra={"provider": self.provider})
+            reply = SmtpReply(451, "4.4.1", str(exc)[:400])
+            await self._finish(first, DeliveryReport({r: reply for r in first.recipients}, ""))
+            return
+        job: Job | None = first
+        try:
+            while job is not None:
+                await self._wait_while_paused()
+                limits = self.limits
+                try:
+                    await engine.limiter.message(self.provider, rate=limits.messages_per_second, burst=limits.burst,
+                                                 per_hour=limits.messages_per_hour, per_day=limits.messages_per_day)
+                except LimiterUnavailable:
+                    self.pending.setdefault(hops, deque()).appendleft(job)
+                    raise
+                report = await self._attempt(session, job)
+                verdict = await self._finish(job, report)
+                self._reflex(verdict.deferral if verdict.deferred else None, delivered=bool(verdict.delivered))
+                if verdict.deferral is DeferralClass.CONNECTIONS:
+                    break  # the provider says we have too many connections: this one goes first
+                if not session.usable or session.messages >= self.limits.max_messages_per_connection:
+                    break
+                lease.idle = True
+                job = await self._next_job(hops, wait=self.limits.idle_timeout_seconds, lease=lease)
+                lease.idle = False
+        finally:
+            await session.quit()
+
+    # -- local reflex --------------------------------------------------------------------------------
+
+    def _reflex(self, deferral: DeferralClass | None, *, delivered: bool = False) -> None:
+        """This pod's immediate reaction to a throttling reply, before the controller cuts fleet limits:
+        a connection-limit reply stops new connections for a while (doubling up to 30 s); a rate or
+        reputation reply pauses this pod's sending to the provider (doubling up to 30 s)."""
+        now = time.monotonic()
+        if deferral is DeferralClass.CONNECTIONS:
+            self.connection_backoff = min(30.0, max(1.0, self.connection_backoff * 2))
+            self.no_new_connections_until = now + self.connection_backoff
+            self.engine.metrics.reflex(self.provider, "connections")
+        elif deferral in (DeferralClass.RATE, DeferralClass.REPUTATION):
+            self.rate_backoff = min(30.0, max(0.5, self.rate_backoff * 2))
+            self.paused_until = now + self.rate_backoff
+            self.engine.metrics.reflex(self.provider, "rate")
+        elif delivered:
+            self.connection_backoff = 0.0
+            self.rate_backoff = 0.0
+
+    async def _wait_while_paused(self) -> None:
+        while True:
+            now = time.monotonic()
+            suspended = self.engine.book.suspended_until_ms(self.provider) / 1000 - time.time()
+            wait = max(self.paused_until - now, suspended)
+            if wait <= 0 or self.engine.stopping:
                 return
-            session = OutboundSession(helo_name=engine.settings.helo_name, resolver=engine.router.resolver,
-                                      timeout=engine.settings.command_timeout, starttls=engine.settings.starttls)
-            try:
-                await session.open(hops)
-            except GreetingRefused as exc:
-                engine.metrics.connection_error(self.provider)
-                await self._finish(first, DeliveryReport({r: exc.reply for r in first.recipients}, exc.hop.host))
-                return
-            except DeliveryError as exc:
-                engine.metrics.connection_error(self.provider)
-                log.warning("%s", exc, extra={"provider": self.provider})
-                reply = SmtpReply(451, "4.4.1", str(exc)[:400])
-                await self._finish(first, DeliveryReport({r: reply for r in first.recipients}, ""))
-                return
-            job: Job | None = first
-            try:
-                while job is not None:
-                    await engine.limiter.message(self.provider, rate=self.limits.messages_per_second,
-                                                 burst=self.limits.burst)
-                    report = await self._attempt(session, job)
-                    await self._finish(job, report)
-                    if not session.usable or session.messages >= self.limits.max_messages_per_connection:
-                        break
-                    job = await self._next_job(hops, wait=self.limits.idle_timeout_seconds)
-            finally:
-                await session.quit()
+            await asyncio.sleep(min(wait, 1.0))
 
     async def _attempt(self, session: OutboundSession, job: Job) -> DeliveryReport:
         token = queue_id_var.set(job.queue_id)
@@ -316,7 +398,7 @@ class ProviderDispatcher:
 
     # -- outcomes ------------------------------------------------------------------------------------
 
-    async def _finish(self, job: Job, report: DeliveryReport) -> None:
+    async def _finish(self, job: Job, report: DeliveryReport) -> Verdict:
         engine = self.engine
         token = queue_id_var.set(job.queue_id)
         try:
@@ -352,6 +434,7 @@ class ProviderDispatcher:
                 # Nothing is lost: the claim lease expires and the job is attempted again.
                 log.error("could not record the outcome: %s", exc)
                 self.held.pop(job.job_id, None)
+            return verdict
         finally:
             queue_id_var.reset(token)
 

@@ -22,6 +22,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from typing import Protocol
 
+from mxgate.telemetry.fleet import TelemetryRecorder
+
 class _JobLike(Protocol):
     queue_id: str
     job_id: str
@@ -54,7 +56,8 @@ def _install(service: str) -> tuple[MeterProvider, TracerProvider]:
 class Metrics:
     """The gateway's instruments, named once here."""
 
-    def __init__(self, service: str = "mxgate-gateway") -> None:
+    def __init__(self, service: str = "mxgate-gateway", *, recorder: TelemetryRecorder | None = None) -> None:
+        self.recorder = recorder or TelemetryRecorder(None)
         meter_provider, tracer_provider = _install(service)
         meter = meter_provider.get_meter("mxgate")
         self.tracer = tracer_provider.get_tracer("mxgate")
@@ -64,6 +67,10 @@ class Metrics:
         self._attempts = meter.create_counter("mxgate_delivery_attempts", description="Delivery attempts (per job)")
         self._outcomes = meter.create_counter("mxgate_recipients", description="Recipient outcomes, by provider and outcome")
         self._conn_errors = meter.create_counter("mxgate_connection_errors", description="Failed outbound connections")
+        self._reflex = meter.create_counter("mxgate_local_reflex", description="Local reactions to throttling "
+                                            "replies: connections (no new connections for a while) or rate (pause)")
+        self._lease_wait = meter.create_histogram("mxgate_lease_wait", unit="s",
+                                                  description="Time waiting for a fleet-wide connection lease")
         self._duration = meter.create_histogram("mxgate_delivery_duration", unit="s",
                                                 description="Time of one MAIL..DATA transaction")
 
@@ -79,19 +86,31 @@ class Metrics:
 
     def delivered(self, provider: str) -> None:
         self._outcomes.add(1, {"provider": provider, "outcome": "delivered"})
+        self.recorder.count(provider, "delivered")
 
     def failed(self, provider: str) -> None:
         self._outcomes.add(1, {"provider": provider, "outcome": "failed"})
+        self.recorder.count(provider, "failed")
 
     def deferred(self, provider: str, deferral: str) -> None:
         self._outcomes.add(1, {"provider": provider, "outcome": "deferred", "class": str(deferral)})
+        self.recorder.count(provider, f"deferred_{deferral}")
 
     def connection_error(self, provider: str) -> None:
         self._conn_errors.add(1, {"provider": provider})
+        self.recorder.count(provider, "connection_errors")
 
     def attempt_done(self, provider: str, seconds: float) -> None:
         self._attempts.add(1, {"provider": provider})
         self._duration.record(seconds, {"provider": provider})
+        self.recorder.count(provider, "attempts")
+
+    def lease_wait(self, provider: str, seconds: float) -> None:
+        self._lease_wait.record(seconds, {"provider": provider})
+        self.recorder.count(provider, "lease_wait_ms", int(seconds * 1000))
+
+    def reflex(self, provider: str, kind: str) -> None:
+        self._reflex.add(1, {"provider": provider, "kind": kind})
 
     @contextmanager
     def attempt_span(self, provider: str, job: _JobLike) -> Iterator[trace.Span]:

@@ -1,0 +1,59 @@
+"""Effective limits: what is in force for a provider right now, under the policy's ceiling.
+
+The policy's ``spec.limits`` is the ceiling. The controller (file mode or the Kubernetes operator)
+tightens and relaxes the live values and writes them to ``mxg:{p:<provider>}:limits``; gateways
+read them from there. A missing hash or field means "the ceiling". A live value is never allowed
+above the ceiling, whoever wrote it.
+
+Fields of the hash (strings, as Redis stores them):
+
+    maxConnections      int     connections fleet-wide now
+    messagesPerSecond   float   message rate fleet-wide now ("" = no rate limit)
+    suspendedUntil      int     epoch ms; no delivery attempts before it (e.g. Yahoo [TSS04])
+    reason              str     why the controller last changed them (shown by `mxgate status`)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mxgate.policy import Limits
+
+
+@dataclass(frozen=True, slots=True)
+class Effective:
+    max_connections: int
+    messages_per_second: float | None
+    suspended_until_ms: int = 0
+    reason: str = ""
+
+    @classmethod
+    def ceiling(cls, limits: Limits) -> Effective:
+        return cls(limits.max_connections, limits.messages_per_second)
+
+    @classmethod
+    def from_redis(cls, raw: Mapping[bytes, bytes], ceiling: Limits) -> Effective:
+        """Parse the hash; unusable fields fall back to the ceiling rather than stop delivery."""
+        conns = ceiling.max_connections
+        rate = ceiling.messages_per_second
+        try:
+            if raw.get(b"maxConnections"):
+                conns = max(1, min(conns, int(raw[b"maxConnections"])))
+            if raw.get(b"messagesPerSecond"):
+                live = float(raw[b"messagesPerSecond"])
+                if live > 0:
+                    rate = live if rate is None else min(rate, live)
+            suspended = int(raw.get(b"suspendedUntil") or 0)
+        except ValueError:
+            return cls.ceiling(ceiling)
+        return cls(conns, rate, suspended, (raw.get(b"reason") or b"").decode("utf-8", "replace"))
+
+    def to_redis(self) -> dict[str, str]:
+        return {"maxConnections": str(self.max_connections),
+                "messagesPerSecond": "" if self.messages_per_second is None else f"{self.messages_per_second:g}",
+                "suspendedUntil": str(self.suspended_until_ms), "reason": self.reason}
+
+    def applied_to(self, limits: Limits) -> Limits:
+        return limits.model_copy(update={"max_connections": self.max_connections,
+                                         "messages_per_second": self.messages_per_second})
