@@ -206,9 +206,9 @@ class Gateway:
             if session.transport is not None:
                 session.transport.close()
         await self.engine.stop(grace=max(1.0, deadline + grace / 2 - loop.time()))
-        for task in self._tasks:
-            task.cancel()
+        await cancel_and_wait(self._tasks, timeout=5.0)
         await self.recorder.stop()
+        await self.limiter.close()
         if self.health is not None:
             await self.health.stop()
         with contextlib.suppress(aioredis.RedisError, OSError):
@@ -222,11 +222,29 @@ class Gateway:
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signum, stop.set)
-        await self.start()
         try:
+            # Inside the try: a start that fails half-way (port in use) must still stop the tasks it
+            # started, or the process never exits.
+            await self.start()
             await stop.wait()
         finally:
             await self.shutdown()
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task[None]], *, timeout: float) -> None:
+    """Cancel ``tasks`` and wait until they have ended, cancelling again until they do.
+
+    Once is not enough on Python 3.11: ``asyncio.wait_for`` (redis-py wraps every socket write in it)
+    swallows a cancellation that arrives just as the write completes (CPython gh-86296, fixed in 3.12),
+    and a ``while True`` loop that survives its cancellation keeps the process from ever exiting.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pending = {task for task in tasks if not task.done()}
+    while pending and loop.time() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
 
 
 def _redact(url: str) -> str:

@@ -51,8 +51,7 @@ async def wake_on_release(url: str, limiters: list[FleetLimiter]) -> AsyncIterat
 
 async def close(limiters: list[FleetLimiter]) -> None:
     for limiter in limiters:
-        if limiter._renewer:
-            limiter._renewer.cancel()
+        await limiter.close()
         await limiter.redis.aclose()
 
 
@@ -92,7 +91,7 @@ async def test_a_crashed_holders_lease_expires(redis_server: EmbeddedRedis) -> N
     crashed, survivor = await pods(redis_server.url, 2, lease_ms=600)
     try:
         await crashed.acquire("crash", limit=1)
-        crashed._renewer.cancel()           # the pod dies: no renewal, no release
+        await crashed.close()               # the pod dies: no renewal, no release
         started = time.monotonic()
         lease = await asyncio.wait_for(survivor.acquire("crash", limit=1), timeout=5)
         waited = time.monotonic() - started
@@ -158,7 +157,7 @@ async def test_release_wakes_waiters_promptly(redis_server: EmbeddedRedis) -> No
         await close([a, b])
 
 
-async def test_lowered_limit_drops_only_idle_surplus_leases(redis_server: EmbeddedRedis, redis_client) -> None:
+async def test_lowered_limit_drops_surplus_leases_idle_ones_first(redis_server: EmbeddedRedis, redis_client) -> None:
     (pod,) = await pods(redis_server.url, 1)
     try:
         leases = [await pod.acquire("shrink", limit=4) for _ in range(4)]
@@ -166,12 +165,12 @@ async def test_lowered_limit_drops_only_idle_surplus_leases(redis_server: Embedd
         leases[1].idle = True
         pod.set_limit("shrink", 1)
         await pod.renew("shrink")
-        assert [lease.surplus for lease in leases] == [True, True, False, False]
-        assert await redis_client.zcard(keys.leases("shrink")) == 2   # busy ones finish their message
-        leases[2].idle = True
-        await pod.renew("shrink")
-        assert leases[2].surplus and not leases[3].surplus
+        # Idle connections go first, then busy ones (they close after their current message).
+        assert leases[0].surplus and leases[1].surplus and sum(lease.surplus for lease in leases) == 3
         assert await redis_client.zcard(keys.leases("shrink")) == 1
+        await pod.renew("shrink")
+        kept = [lease for lease in leases if not lease.surplus]
+        assert len(kept) == 1 and not kept[0].lost
     finally:
         await close([pod])
 

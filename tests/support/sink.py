@@ -32,6 +32,7 @@ class SinkHandler:
     messages: list[Received] = field(default_factory=list)
     rcpt_replies: dict[str, str] = field(default_factory=dict)   # recipient -> reply to RCPT
     data_reply: str | None = None                                 # reply to the end of DATA
+    delay: float = 0.0                                            # seconds before answering DATA
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
@@ -43,6 +44,8 @@ class SinkHandler:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.data_reply:
             return self.data_reply
         self.messages.append(Received(envelope.mail_from or "", list(envelope.rcpt_tos),

@@ -172,14 +172,15 @@ class ProviderDispatcher:
             for task in still:
                 task.cancel()
             await asyncio.gather(*still, return_exceptions=True)
+        for task in self._tasks[1:]:   # the lease-renewal and ack loops: stop them before the last flush
+            task.cancel()
+        await asyncio.gather(*self._tasks[1:], return_exceptions=True)
         await self._flush_acks()  # first: a finished job must be deleted, not handed back
         for queue in self.pending.values():
             while queue:
                 await self._release(queue.popleft())
         for job in list(self.held.values()):  # interrupted mid-delivery: due again at once
             await self._release(job)
-        for task in self._tasks[1:]:
-            task.cancel()
         self.done = True
 
     async def _release(self, job: Job) -> None:
@@ -350,6 +351,8 @@ class ProviderDispatcher:
                     break  # the provider says we have too many connections: this one goes first
                 if not session.usable or session.messages >= self.limits.max_messages_per_connection:
                     break
+                if lease.must_close:
+                    break  # surplus to a lowered limit, or the lease expired: close now, between messages
                 lease.idle = True
                 job = await self._next_job(hops, wait=self.limits.idle_timeout_seconds, lease=lease)
                 lease.idle = False
@@ -460,11 +463,13 @@ class ProviderDispatcher:
     async def _flush_acks(self) -> None:
         if not self.acks:
             return
-        batch, self.acks = self.acks, []
+        batch = list(self.acks)
         try:
             await self.engine.spool.ack(self.provider, batch)
         except SpoolError as exc:
             log.error("ack failed (the jobs will be delivered again after their lease): %s", exc)
+        # Only now: if we were cancelled mid-ack the batch stays and is acked again (acks are idempotent).
+        del self.acks[:len(batch)]
         for job in batch:
             self.held.pop(job.job_id, None)
         self.poke()

@@ -11,9 +11,9 @@ every 10 s while the connection lives); its queued attempts go stale after 3 s.
 The message rate is GCRA over Redis server time (``gcra.lua``), with optional hourly and daily caps.
 Every script runs on Redis time, never a pod's clock, and touches one hash slot.
 
-A lowered connection limit is applied at the next renewal: surplus leases of idle connections are
-dropped and those connections closed, so the fleet converges to the new limit without cutting a
-message in half.
+A lowered connection limit is applied at once: every pod renews its leases, surplus ones are dropped
+(idle connections' first) and those connections close as soon as their current message is done, so
+the fleet converges to the new limit without cutting a message in half.
 """
 
 from __future__ import annotations
@@ -155,12 +155,11 @@ class FleetLimiter:
             self.released(provider)
 
     async def renew(self, provider: str) -> None:
-        leases = list(self.held.get(provider, ()))
+        # Idle connections first: when the fleet is over a lowered limit, they are the ones to go.
+        leases = sorted(self.held.get(provider, ()), key=lambda lease: not lease.idle)
         if not leases:
             return
-        args: list[str | int] = [self.lease_ms, self.limits_now.get(provider, 1)]
-        for lease in leases:
-            args += [lease.token, 1 if lease.idle else 0]
+        args: list[str | int] = [self.lease_ms, self.limits_now.get(provider, 1), *(lease.token for lease in leases)]
         try:
             statuses = await self._renew(keys=[keys.leases(provider, self.identity)], args=args)
         except _REDIS_ERRORS as exc:
@@ -185,6 +184,12 @@ class FleetLimiter:
             self._renew_now.clear()
             for provider in [p for p, leases in self.held.items() if leases]:
                 await self.renew(provider)
+
+    async def close(self) -> None:
+        """Stop renewing (the leases themselves are released by their connections as they close)."""
+        if self._renewer is not None:
+            self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)
 
     # -- message rate --------------------------------------------------------------------------------
 
