@@ -158,6 +158,65 @@ class Retry(_Model):
         return self
 
 
+class ConnectionsAndRate(_Model):
+    """A pair of values: one for the connection limit, one for the message rate."""
+
+    connections: int = Field(default=1, ge=1, le=10_000, description="Connections fleet-wide.")
+    messages_per_second: float = Field(default=1.0, gt=0, le=1_000_000, description="Messages per second fleet-wide.")
+
+
+class Adaptive(_Model):
+    """How the controller tightens limits on throttling replies and relaxes them when the provider is calm."""
+
+    enabled: bool = Field(default=True, description="Adjust the live limits from deferral telemetry.")
+    floor: ConnectionsAndRate = Field(
+        default_factory=ConnectionsAndRate, description="Limits are never cut below these values.")
+    decrease_factor: float = Field(
+        default=0.7, gt=0, lt=1,
+        description="A cut multiplies the limit by at most this factor (the rate is cut to the goodput the "
+        "provider actually accepted when that is lower, but never below a quarter of the old rate).")
+    increase_step: ConnectionsAndRate = Field(
+        default_factory=lambda: ConnectionsAndRate(connections=1, messages_per_second=5.0),
+        description="Added to a limit after enough calm windows (additive increase), up to the ceiling.")
+    evaluation_window: Duration = Field(default="5s", description="How often telemetry is evaluated.")
+    deferral_threshold: float = Field(
+        default=0.01, ge=0, le=1,
+        description="Fraction of recipient outcomes in a window, per signal, that triggers a cut.")
+    calm_windows: int = Field(
+        default=3, ge=1, le=1000,
+        description="Windows with traffic and no signal before a limit is raised; doubled each time a raise "
+        "back to a level that drew deferrals draws them again (damping).")
+
+
+ResponseAction = Literal["TightenConnections", "TightenRate", "Suspend", "Bounce", "Retry"]
+
+
+class ResponseRule(_Model):
+    """What a remote reply means: rules are tried in order before the built-in classification."""
+
+    match: str = Field(description='Regex searched in "<code> <enhanced code> <text>", case-insensitive.')
+    action: ResponseAction = Field(
+        description="TightenConnections / TightenRate: a throttling signal for the controller; Suspend: no "
+        "delivery to the provider for `duration`; Bounce: treat as a permanent failure; Retry: an "
+        "ordinary deferral that changes no limit.")
+    duration: Duration | None = Field(default=None, description="How long a Suspend lasts.")
+
+    @field_validator("match")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _suspend_has_duration(self) -> ResponseRule:
+        if (self.action == "Suspend") != (self.duration is not None):
+            raise ValueError("duration is required for action Suspend and only allowed there")
+        return self
+
+
 class ProviderPolicySpec(_Model):
     """What makes up one mailbox provider and the limits towards it."""
 
@@ -165,6 +224,18 @@ class ProviderPolicySpec(_Model):
     route: Route | None = Field(default=None, description="Static next hops; when unset, DNS MX is used.")
     limits: Limits = Field(default_factory=Limits, description="Fleet-wide limits towards this provider.")
     retry: Retry = Field(default_factory=Retry, description="Retry schedule and maximum age of deferred mail.")
+    adaptive: Adaptive = Field(default_factory=Adaptive, description="Automatic tightening and recovery.")
+    responses: list[ResponseRule] = Field(
+        default_factory=list, description="Reply rules tried before the built-in ones (reference replies).")
+
+    @model_validator(mode="after")
+    def _floor_below_ceiling(self) -> ProviderPolicySpec:
+        floor = self.adaptive.floor
+        if floor.connections > self.limits.max_connections:
+            raise ValueError("adaptive.floor.connections must not exceed limits.maxConnections")
+        if self.limits.messages_per_second is not None and floor.messages_per_second > self.limits.messages_per_second:
+            raise ValueError("adaptive.floor.messagesPerSecond must not exceed limits.messagesPerSecond")
+        return self
 
 
 class Metadata(_Model):

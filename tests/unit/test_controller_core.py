@@ -1,0 +1,142 @@
+"""The adaptive controller core: table-driven cases and a closed-loop simulation against a model provider."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from mxgate.policy import Adaptive, ConnectionsAndRate, Limits
+from mxgate_operator.core import ControlState, Window, decide
+
+CEILING = Limits(max_connections=20, messages_per_second=200.0)
+ADAPTIVE = Adaptive()
+
+
+def w(**counts: int) -> Window:
+    return Window(seconds=5.0, **counts)
+
+
+@pytest.mark.parametrize(("state", "window", "connections", "rate", "why"), [
+    # connection signal: 20 -> 14 (x0.7), rate untouched
+    (ControlState(20, 200.0), w(delivered=90, deferred_connections=10), 14, 200.0, "too many connections"),
+    # small limits still go down by at least one
+    (ControlState(2, 200.0), w(delivered=90, deferred_connections=10), 1, 200.0, "too many connections"),
+    # never below the floor
+    (ControlState(1, 200.0), w(delivered=90, deferred_connections=10), 1, 200.0, "too many connections"),
+    # rate signal: cut to the accepted goodput (250 delivered / 5 s = 50/s) ...
+    (ControlState(20, 200.0), w(delivered=250, deferred_rate=700), 20, 50.0, "rate or reputation"),
+    # ... but never below a quarter at once (a quiet window is weak evidence)
+    (ControlState(20, 200.0), w(delivered=10, deferred_reputation=10), 20, 50.0, "rate or reputation"),
+    # ... and at least by the decrease factor when goodput was higher
+    (ControlState(20, 100.0), w(delivered=500, deferred_rate=50), 20, 70.0, "rate or reputation"),
+    # both signals at once
+    (ControlState(10, 100.0), w(delivered=200, deferred_rate=50, deferred_connections=50), 7, 40.0, "connections"),
+    # below the threshold (1 %): noise, nothing happens
+    (ControlState(10, 100.0), w(delivered=1000, deferred_connections=5), 10, 100.0, "calm for 1"),
+    # ordinary deferrals are not throttling signals
+    (ControlState(10, 100.0), w(delivered=10, deferred_other=50), 10, 100.0, "calm for 1"),
+    # no traffic: no evidence either way
+    (ControlState(10, 100.0, calm=2), w(), 10, 100.0, "no traffic"),
+])
+def test_decisions(state: ControlState, window: Window, connections: int, rate: float, why: str) -> None:
+    decision = decide(ADAPTIVE, CEILING, state, window, now=0.0)
+    assert (decision.state.connections, decision.state.rate) == (connections, rate)
+    assert why in decision.reason
+
+
+def test_recovery_is_gradual_and_capped_at_the_ceiling() -> None:
+    state = ControlState(18, 190.0)
+    calm = w(delivered=100)
+    seen = []
+    for _ in range(12):
+        decision = decide(ADAPTIVE, CEILING, state, calm, now=0.0)
+        state = decision.state
+        seen.append((state.connections, state.rate))
+    # every third calm window: +1 connection and +5/s, never above 20 and 200/s
+    assert seen[1] == (18, 190.0) and seen[2] == (19, 195.0) and seen[5] == (20, 200.0)
+    assert seen[-1] == (20, 200.0)
+
+
+def test_probing_a_level_that_drew_deferrals_gets_exponentially_rarer() -> None:
+    state = ControlState(6, 200.0)
+    overload = w(delivered=90, deferred_connections=10)
+    calm = w(delivered=100)
+    raises_to_6 = []
+    for window_no in range(400):
+        window = overload if state.connections >= 6 else calm
+        state = decide(ADAPTIVE, CEILING, state, window, now=0.0).state
+        if state.connections == 6:
+            raises_to_6.append(window_no)
+    gaps = [b - a for a, b in zip(raises_to_6, raises_to_6[1:], strict=False)]
+    assert len(raises_to_6) >= 3
+    assert all(later >= earlier for earlier, later in zip(gaps, gaps[1:], strict=False))
+    assert gaps[-1] >= 4 * gaps[0]
+
+
+def test_disabled_means_the_ceiling() -> None:
+    off = Adaptive(enabled=False)
+    decision = decide(off, CEILING, ControlState(3, 10.0), w(delivered=10, deferred_connections=90), now=0.0)
+    assert (decision.state.connections, decision.state.rate) == (20, 200.0)
+
+
+def test_a_lowered_ceiling_clamps_at_once_and_floors_hold() -> None:
+    adaptive = Adaptive(floor=ConnectionsAndRate(connections=3, messages_per_second=10.0))
+    decision = decide(adaptive, Limits(max_connections=8, messages_per_second=30.0), ControlState(20, 200.0),
+                      w(delivered=1, deferred_rate=99, deferred_connections=99), now=0.0)
+    assert decision.state.connections == 5 and decision.state.rate == 10.0   # 8 -> 5; 30 -> max(10, 7.5, ...)
+
+
+def test_suspension_expires() -> None:
+    state = ControlState(5, 50.0, suspended_until=100.0)
+    assert decide(ADAPTIVE, CEILING, state, w(), now=99.0).state.suspended_until == 100.0
+    assert decide(ADAPTIVE, CEILING, state, w(), now=101.0).state.suspended_until == 0.0
+
+
+def simulate(*, windows: int, provider_connections: int, provider_rate: float, per_connection: float,
+             demand: float) -> list[tuple[ControlState, Window]]:
+    """A model provider: connections above its limit are refused (3 refusals per extra connection per
+    window, as the local reflex backs off), messages above its rate are deferred."""
+    state = ControlState.at_ceiling(CEILING)
+    history = []
+    for _ in range(windows):
+        c = state.connections
+        send = min(demand, c * per_connection, state.rate if state.rate is not None else float("inf"))
+        usable = min(c, provider_connections) * per_connection
+        offered = min(send, usable)
+        accepted = min(offered, provider_rate)
+        window = Window(seconds=5.0, attempts=int(send * 5), delivered=int(accepted * 5),
+                        deferred_rate=int((offered - accepted) * 5),
+                        deferred_connections=3 * max(0, c - provider_connections))
+        history.append((state, window))
+        state = decide(ADAPTIVE, CEILING, state, window, now=0.0).state
+    return history
+
+
+def test_closed_loop_converges_to_the_providers_real_limits() -> None:
+    # The demonstration's numbers: ceiling 20 connections / 200 msg/s, provider 5 connections / 50 msg/s.
+    history = simulate(windows=120, provider_connections=5, provider_rate=50.0, per_connection=20.0, demand=500.0)
+    after = history[6:]   # converged within 6 windows (30 s)
+    outcomes = sum(win.outcomes for _, win in after)
+    deferred = sum(win.deferred for _, win in after)
+    delivered = sum(win.delivered for _, win in after)
+    assert deferred / outcomes < 0.02
+    assert delivered / (len(after) * 5.0) >= 0.9 * 50.0
+    assert all(state.connections <= 6 for state, _ in after)
+    assert max(state.rate or 0 for state, _ in after) <= 60.0
+
+
+def test_closed_loop_finds_a_limit_that_moved_up_again() -> None:
+    history = simulate(windows=60, provider_connections=5, provider_rate=50.0, per_connection=20.0, demand=500.0)
+    state = history[-1][0]
+    # The provider relents (reputation improved): the controller climbs back, gradually.
+    for _ in range(400):
+        c = state.connections
+        send = min(500.0, c * 20.0, state.rate or float("inf"))
+        state = decide(ADAPTIVE, CEILING, state, Window(seconds=5.0, delivered=int(send * 5)), now=0.0).state
+    assert state.connections == 20 and state.rate == 200.0
+
+
+def test_state_survives_replace() -> None:
+    state = replace(ControlState(3, 1.0), calm=2)
+    assert state.calm == 2
