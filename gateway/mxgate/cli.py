@@ -4,6 +4,7 @@
     mxgate controller  loads ProviderPolicy files into Redis and keeps them there
     mxgate dev         everything on one machine: embedded Redis + controller + gateway
     mxgate passwd      prints a credentials-file line for SMTP AUTH
+    mxgate sim         a local SMTP server that throttles like a mailbox provider (tests, benchmarks)
 
 Configuration errors end with a one-line message on stderr and exit status 2; nothing half-starts.
 """
@@ -18,6 +19,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,8 @@ def _gateway_options(parser: argparse.ArgumentParser, *, with_redis: bool) -> No
     parser.add_argument("--command-timeout", type=float, default=300.0, metavar="SECONDS")
     parser.add_argument("--visibility", type=float, default=60.0, metavar="SECONDS",
                         help="claim lease of a delivery job; a dead process's jobs are due again after it")
+    parser.add_argument("--connection-lease", type=float, default=30.0, metavar="SECONDS",
+                        help="fleet connection-slot lease; a dead process's slots come back after it")
     parser.add_argument("--shutdown-grace", type=float, default=25.0, metavar="SECONDS")
     parser.add_argument("--dns-server", action="append", metavar="IP", help="name server for MX lookups (repeatable)")
     parser.add_argument("--dns-port", type=int, default=53)
@@ -113,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where the embedded Redis keeps its append-only file (default .mxgate-dev)")
     dev.add_argument("--redis-port", type=int, default=0, help="embedded Redis port (default: a free one)")
 
+    status = sub.add_parser("status", help="each provider's limits, traffic and queue")
+    status.add_argument("--redis-url", default=os.environ.get("MXGATE_REDIS_URL"))
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                        help="refresh every SECONDS (default 2) until Ctrl-C")
+    status.add_argument("--window", type=int, default=60, metavar="SECONDS", help="traffic window (default 60)")
+
     passwd = sub.add_parser("passwd", help="print a credentials-file line for USER (password from stdin or prompt)")
     passwd.add_argument("user")
 
@@ -120,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
     validate = policy_sub.add_parser("validate", help="validate policy files offline")
     validate.add_argument("files", nargs="+", type=Path)
+
+    from mxgate.sim.command import add_arguments as add_sim_arguments
+
+    sim = sub.add_parser("sim", help="a local SMTP server that throttles like a mailbox provider")
+    add_sim_arguments(sim)
     return parser
 
 
@@ -132,6 +148,7 @@ def gateway_settings(args: argparse.Namespace, *, redis_url: str) -> Any:
         tls_key=args.tls_key, credentials_file=args.credentials_file, auth_without_tls=args.auth_without_tls,
         max_message_size=args.max_message_size, max_recipients=args.max_recipients,
         command_timeout=args.command_timeout, visibility_seconds=args.visibility,
+        lease_seconds=args.connection_lease,
         shutdown_grace=args.shutdown_grace, dns_servers=tuple(args.dns_server) if args.dns_server else None,
         dns_port=args.dns_port, mx_port=args.mx_port, outbound_starttls=not args.no_outbound_starttls)
 
@@ -141,6 +158,12 @@ def _require_redis_url(args: argparse.Namespace) -> str:
         raise ConfigError("--redis-url is required (or set MXGATE_REDIS_URL)")
     if not str(args.redis_url).startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"--redis-url {args.redis_url!r}: expected redis://, rediss:// or unix://")
+    from redis.asyncio.connection import parse_url
+
+    try:
+        parse_url(str(args.redis_url))  # a bad port or db number, found here rather than as a traceback later
+    except ValueError as exc:
+        raise ConfigError(f"--redis-url {args.redis_url!r}: {exc}") from exc
     return str(args.redis_url)
 
 
@@ -171,7 +194,7 @@ async def _controller(args: argparse.Namespace) -> None:
 async def _dev(args: argparse.Namespace) -> None:
     import redis.asyncio as aioredis
 
-    from mxgate.app import Gateway
+    from mxgate.app import Gateway, cancel_and_wait
     from mxgate.embedded_redis import EmbeddedRedis
     from mxgate_operator.filemode import FileController
 
@@ -179,8 +202,9 @@ async def _dev(args: argparse.Namespace) -> None:
 
     load_policy_dir(args.policies)  # fail before starting anything
     redis_server = EmbeddedRedis(args.data_dir.resolve(), port=args.redis_port or None).start()
+    redis = aioredis.Redis.from_url(redis_server.url)
+    control_task: asyncio.Task[None] | None = None
     try:
-        redis = aioredis.Redis.from_url(redis_server.url)
         controller = FileController(redis, args.policies)
         await controller.publish()
         gateway = Gateway(gateway_settings(args, redis_url=redis_server.url))
@@ -196,12 +220,12 @@ async def _dev(args: argparse.Namespace) -> None:
         print(f"mxgate dev: SMTP on {host}:{gateway.port}, Redis at {redis_server.url} "
               f"(data in {args.data_dir}), policies from {args.policies}, health and metrics on {metrics}. "
               "Ctrl-C stops.", file=sys.stderr, flush=True)
-        try:
-            await run_task
-        finally:
-            control_task.cancel()
-            await redis.aclose()
+        await run_task
     finally:
+        # Also when the gateway failed to start (port in use): the controller loop must not outlive it.
+        if control_task is not None:
+            await cancel_and_wait([control_task], timeout=5.0)
+        await redis.aclose()
         redis_server.stop()
 
 
@@ -216,6 +240,40 @@ async def _until_signal(coro: Coroutine[Any, Any, None]) -> None:
         await task
     except asyncio.CancelledError:
         pass
+
+
+async def _sim(args: argparse.Namespace) -> None:
+    from mxgate.sim.command import run
+
+    await run(args)
+
+
+async def _status(args: argparse.Namespace) -> None:
+    import json
+
+    import redis.asyncio as aioredis
+
+    from mxgate.status import collect, render_table
+
+    redis = aioredis.Redis.from_url(_require_redis_url(args), socket_connect_timeout=2, socket_timeout=5)
+    try:
+        while True:
+            try:
+                rows = await collect(redis, window=args.window)
+            except (aioredis.RedisError, OSError) as exc:
+                raise ConfigError(f"cannot read status from Redis at {args.redis_url}: {exc}") from exc
+            if args.json:
+                print(json.dumps([row.as_dict() for row in rows]), flush=True)
+            else:
+                if args.watch:
+                    print("\x1b[2J\x1b[H", end="")  # clear the screen between refreshes
+                    print(time.strftime("%Y-%m-%d %H:%M:%S"), f"(every {args.watch:g}s, Ctrl-C stops)")
+                print(render_table(rows, window=args.window), flush=True)
+            if not args.watch:
+                return
+            await asyncio.sleep(args.watch)
+    finally:
+        await redis.aclose()
 
 
 def _passwd(args: argparse.Namespace) -> None:
@@ -271,10 +329,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run(_controller(args))
         elif args.command == "dev":
             _run(_dev(args))
+        elif args.command == "status":
+            _run(_status(args))
         elif args.command == "passwd":
             _passwd(args)
         elif args.command == "policy":
             return _policy_validate(args)
+        elif args.command == "sim":
+            _run(_sim(args))
     except MxgateError as exc:
         print(f"mxgate: error: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ import sys
 import time
 
 from mxgate import keys
-from mxgate.embedded_redis import EmbeddedRedis
+from mxgate.embedded_redis import EmbeddedRedis, free_port
 from mxgate.limits.effective import Effective
 from mxgate.status import collect, render_table
 from mxgate_operator.publish import publish_effective_limits, publish_policies
@@ -44,7 +44,7 @@ async def test_status_shows_tightening_traffic_and_queue(redis_server: EmbeddedR
 
 
 def test_status_without_redis_is_a_clear_error() -> None:
-    out = subprocess.run([sys.executable, "-m", "mxgate.cli", "status", "--redis-url", "redis://127.0.0.1:1/0"],
+    out = subprocess.run([sys.executable, "-m", "mxgate.cli", "status", "--redis-url", f"redis://127.0.0.1:{free_port()}/0"],
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.startswith("mxgate: error: cannot read status from Redis") and "Traceback" not in out.stderr

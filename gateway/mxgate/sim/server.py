@@ -1,0 +1,344 @@
+"""The simulator's I/O: an aiosmtpd server that asks :class:`~mxgate.sim.provider.ProviderModel` what to
+answer, an aiohttp control endpoint, and the report and sink-log files.
+
+aiosmtpd parses SMTP; two of its per-message costs are replaced because the simulator has to outrun the
+relays it measures (thousands of messages a second on one core, see ``docs/simulator.md``):
+
+* **DATA** — aiosmtpd reads the message one line at a time (one ``readuntil`` and one list append per
+  line, with the reader limited to 1001 bytes, which also pauses the socket every 2 KB).
+  :meth:`SimSMTP.smtp_DATA` raises the reader's limit to the size limit for the duration of DATA and reads
+  up to each ``.<CRLF>``, normally the whole message in one call, then undoes dot-stuffing with one
+  ``bytes.replace``. The end of data is exactly ``<CRLF>.<CRLF>`` as in aiosmtpd (RFC 5321 §4.1.1.4).
+* **Addresses** — aiosmtpd parses every MAIL/RCPT path with the email package's RFC 5322 parser (~90 µs).
+  Plain ``<local@domain>`` paths are taken with one regular expression; anything else (quoted local
+  parts, address literals, source routes) still goes to aiosmtpd's parser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+
+from mxgate.sim.config import SimConfig
+from mxgate.sim.outputs import SinkLog, write_report
+from mxgate.sim.provider import Connection, Deferral, ProviderModel
+
+__all__ = ["ProviderSimulator", "SimSMTP"]
+
+log = logging.getLogger("mxgate.sim")
+
+# A dot-atom local part and a host name: what nearly every MTA sends. Everything else falls back to aiosmtpd.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH = re.compile(rf"<((?:{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)?)>")
+
+# Seconds stop() waits for shut-down connections to finish closing.
+_CLOSE_GRACE = 2.0
+
+
+class _Handler:
+    """aiosmtpd hooks for MAIL and RCPT: ask the model, then accept the address or send its deferral."""
+
+    async def handle_MAIL(self, server: SimSMTP, session: Session, envelope: Envelope, address: str,
+                          options: list[str]) -> str:
+        deferral = server.model.at_mail(server.connection)
+        if deferral is not None:
+            return server.refuse(deferral)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server: SimSMTP, session: Session, envelope: Envelope, address: str,
+                          options: list[str]) -> str:
+        deferral = server.model.at_rcpt(server.connection)
+        if deferral is not None:
+            return server.refuse(deferral)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 Ok"
+
+
+_HANDLER = _Handler()
+
+
+class SimSMTP(SMTP):
+    """One client connection of the simulator."""
+
+    def __init__(self, simulator: ProviderSimulator, *, loop: asyncio.AbstractEventLoop) -> None:
+        config = simulator.config
+        super().__init__(_HANDLER, data_size_limit=config.max_message_size or None, enable_SMTPUTF8=True,
+                         hostname=config.hostname, ident="mxgate sim", timeout=config.command_timeout,
+                         loop=loop)
+        self.simulator = simulator
+        self.model: ProviderModel = simulator.model
+        self.connection: Connection = Connection("", None)  # replaced in connection_made
+        self.refused_at_connect = False
+        # Bounds the memory of one DATA read: the size limit plus the terminator (a few stuffed dots more
+        # end in a 552 after the read). Unlimited still needs a number for the reader.
+        self._data_read_limit = (config.max_message_size or (1 << 62)) + 5
+
+    # -- connection lifecycle ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        ip = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        self.connection = self.model.open(ip)
+        self.simulator.sessions.add(self)
+        deferral = self.model.at_connect(self.connection)
+        if deferral is not None:
+            # The refusal replaces the greeting; aiosmtpd never starts for this connection.
+            self.refused_at_connect = True
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(deferral.line.encode() + b"\r\n")
+            transport.close()
+            return
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.model.close(self.connection)
+        self.simulator.session_closed(self)
+        if not self.refused_at_connect:
+            super().connection_lost(error)
+
+    def refuse(self, deferral: Deferral) -> str:
+        """Return the deferral's line; for a 421, close once it is written (push writes before it awaits)."""
+        if deferral.closes and self.transport is not None:
+            self.loop.call_soon(self.transport.close)
+        return deferral.line
+
+    def shut_down(self) -> None:
+        """The simulator stops: say 421 and close (RFC 5321 §3.8)."""
+        transport = self.transport
+        if self.refused_at_connect or transport is None or transport.is_closing():
+            return
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(self.model.shutdown(self.connection).line.encode() + b"\r\n")
+        transport.close()
+
+    # -- the per-message path ------------------------------------------------------------------------
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        match = _SIMPLE_PATH.match(arg)
+        if match is None or self.local_part_limit:
+            return super()._getaddr(arg)
+        return match.group(1) or "<>", arg[match.end() :].lstrip()
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        envelope = self.envelope
+        assert envelope is not None
+        if not envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        reader = self._reader
+        line_limit = reader._limit  # type: ignore[attr-defined]
+        reader._limit = self._data_read_limit  # type: ignore[attr-defined]
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            content = await self._read_data()
+        finally:
+            reader._limit = line_limit  # type: ignore[attr-defined]
+        if content is None:
+            self.envelope = self._create_envelope()
+            await self.push("552 5.3.4 Error: message too big")
+            return
+        model = self.model
+        deferral = model.at_data_end(self.connection)
+        delay = model.data_reply_delay()
+        if delay:
+            await asyncio.sleep(delay)
+        if deferral is None:
+            line, message_id = model.accept(content, len(envelope.rcpt_tos))
+            sink = self.simulator.sink_log
+            if sink is not None:
+                sink.record(message_id, envelope.rcpt_tos, len(content))
+        else:
+            line = self.refuse(deferral)
+        self.envelope = self._create_envelope()
+        await self.push(line)
+
+    async def _read_data(self) -> bytes | None:
+        """The message after dot-unstuffing, or None if it was larger than the size limit (then drained)."""
+        reader = self._reader
+        limit = self._data_read_limit
+        try:
+            data = await reader.readuntil(b".\r\n")
+            # A line ending in "." also ends a chunk; only a "." alone on a line ends the data.
+            while data != b".\r\n" and not data.endswith(b"\r\n.\r\n"):
+                if len(data) > limit:
+                    raise asyncio.LimitOverrunError("message too big", 0)
+                data += await reader.readuntil(b".\r\n")
+        except asyncio.LimitOverrunError:
+            reader._limit = self.line_length_limit  # type: ignore[attr-defined]
+            await self._discard_data()
+            return None
+        content = data[:-3]
+        if content.startswith(b"."):
+            content = content[1:]
+        if b"\r\n." in content:
+            content = content.replace(b"\r\n.", b"\r\n")
+        if self.data_size_limit and len(content) > self.data_size_limit:
+            return None
+        return content
+
+    async def _discard_data(self) -> None:
+        """Read and drop the rest of an oversized message, up to its ``<CRLF>.<CRLF>``, one line at a time."""
+        reader = self._reader
+        at_line_start = True  # every chunk read so far ended with ".\r\n"
+        while True:
+            try:
+                line = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                await reader.readexactly(exc.consumed)
+                at_line_start = False
+                continue
+            if at_line_start and line == b".\r\n":
+                return
+            at_line_start = True
+
+
+class ProviderSimulator:
+    """A throttling mailbox provider on a local port: ``async with ProviderSimulator(config) as sim: ...``.
+
+    ``clock`` drives the token buckets and the report's times (inject a fake one to test rates without
+    waiting). :meth:`report` and :meth:`reset` may be called at any time, also through the HTTP endpoint.
+    """
+
+    def __init__(self, config: SimConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.model = ProviderModel(config, clock=clock, epoch_offset=time.time() - clock(),
+                                   rng=random.Random(config.seed))
+        self.sessions: set[SimSMTP] = set()
+        """Open connections (for shutdown)."""
+        self.sink_log: SinkLog | None = None
+        self._server: asyncio.Server | None = None
+        self._http: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._all_closed: asyncio.Event | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> ProviderSimulator:
+        loop = asyncio.get_running_loop()
+        # Fail now, not at exit, if the report cannot be written; watchers also get a file at once.
+        self.write_report()
+        if self.config.sink_log is not None:
+            self.sink_log = SinkLog(self.config.sink_log)
+            self._tasks.append(loop.create_task(self._every(1.0, self.sink_log.flush)))
+        try:
+            self._server = await loop.create_server(lambda: SimSMTP(self, loop=loop), self.config.host,
+                                                    self.config.port, backlog=1024)
+            if self.config.http_host is not None:
+                await self._start_http()
+        except BaseException:
+            await self.stop()
+            raise
+        if self.config.report_interval is not None:
+            self._tasks.append(loop.create_task(self._every(self.config.report_interval, self.write_report)))
+        return self
+
+    async def stop(self) -> None:
+        """Stop listening, send 421 to open connections, write the report file, close the sink log."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._server is not None:
+            self._server.close()
+            if self.sessions:
+                self._all_closed = asyncio.Event()
+                for session in list(self.sessions):
+                    session.shut_down()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._all_closed.wait(), _CLOSE_GRACE)
+            await self._server.wait_closed()
+            self._server = None
+        if self._http is not None:
+            await self._http.cleanup()
+            self._http = None
+        if self.config.report_file is not None:
+            self.write_report()
+        if self.sink_log is not None:
+            self.sink_log.close()
+            self.sink_log = None
+
+    async def __aenter__(self) -> ProviderSimulator:
+        return await self.start()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    def session_closed(self, session: SimSMTP) -> None:
+        self.sessions.discard(session)
+        if not self.sessions and self._all_closed is not None:
+            self._all_closed.set()
+
+    @property
+    def port(self) -> int:
+        """The SMTP port (the one picked if the config said 0)."""
+        assert self._server is not None, "not started"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def http_port(self) -> int:
+        """The HTTP control port (the one picked if the config said 0)."""
+        assert self._http is not None, "no HTTP endpoint"
+        return int(self._http.addresses[0][1])
+
+    # -- reporting -----------------------------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        """Everything recorded since the last reset, as plain JSON data (see docs/simulator.md)."""
+        return self.model.report()
+
+    def reset(self) -> None:
+        """Zero the counters (a new benchmark phase); the limits' state and open connections stay."""
+        self.model.reset()
+
+    def write_report(self) -> None:
+        """Write the report to ``config.report_file`` (atomically)."""
+        if self.config.report_file is not None:
+            write_report(self.config.report_file, self.report())
+
+    async def _every(self, seconds: float, action: Callable[[], None]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                action()
+            except OSError as exc:
+                log.warning("periodic write failed: %s", exc)
+
+    # -- HTTP control endpoint -----------------------------------------------------------------------
+
+    async def _start_http(self) -> None:
+        app = web.Application()
+        app.router.add_get("/report", self._get_report)
+        app.router.add_post("/reset", self._post_reset)
+        self._http = web.AppRunner(app, access_log=None)
+        await self._http.setup()
+        assert self.config.http_host is not None
+        await web.TCPSite(self._http, self.config.http_host, self.config.http_port).start()
+
+    async def _get_report(self, _: web.Request) -> web.Response:
+        return web.json_response(self.report())
+
+    async def _post_reset(self, _: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({"status": "reset"})
