@@ -33,15 +33,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from _procs import LOOPBACK, BenchError, find_free_port, log_tail, require_tool, tool_output, wait_for_port
+
+_QUEUE_ID = re.compile(r"\b[0-9A-F]{10,12}: ")
 
 __all__ = ["POSTFIX_DEFAULTS_NOTE", "PostfixRelay", "postfix_version"]
 
@@ -148,6 +151,7 @@ class PostfixRelay:
     sink_port: int
     listen_port: int = 0
     started: bool = field(default=False, init=False)
+    _master_pgid: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.root = self.root.resolve()
@@ -252,6 +256,7 @@ class PostfixRelay:
         self.check()
         self.started = True  # from here on, stop() must run whatever happens
         self._run("start")
+        self._master_pgid = self.master_pid()
         wait_for_port(self.listen_port, timeout=timeout)
 
     def master_pid(self) -> int | None:
@@ -269,10 +274,14 @@ class PostfixRelay:
         return pid
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Stop the instance: ``postfix stop``, then ``postfix abort``, then SIGKILL; never raises."""
+        """Stop the instance: ``postfix stop``, then ``postfix abort``, then SIGKILL; never raises.
+
+        Postfix's daemons live in the master's process group; if the master died (or had to be
+        killed) they are orphaned, so whatever is left of that group is terminated too.
+        """
         if not self.started:
             return
-        pid = self.master_pid()
+        pid = self.master_pid() or self._master_pgid
         with contextlib.suppress(Exception):
             self._run("stop", check=False, timeout=timeout)
         if pid is not None and not _wait_gone(pid, timeout):
@@ -281,6 +290,8 @@ class PostfixRelay:
             if not _wait_gone(pid, 5.0):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+        if self._master_pgid is not None:
+            _stop_group(self._master_pgid)
         self.started = False
 
     def queue_counts(self) -> dict[str, int]:
@@ -291,21 +302,29 @@ class PostfixRelay:
             counts[queue] = sum(len(files) for _, _, files in os.walk(qdir)) if qdir.is_dir() else 0
         return counts
 
-    def log_summary(self) -> dict[str, int]:
-        """Counts of delivery outcomes in the maillog (``status=sent`` / ``deferred`` / ...)."""
-        summary = {"sent": 0, "deferred": 0, "bounced": 0, "expired": 0, "warnings": 0, "errors": 0}
-        if not self.log_path.exists():
-            return summary
-        with open(self.log_path, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                for status in ("sent", "deferred", "bounced", "expired"):
-                    if f" status={status} " in line:
-                        summary[status] += 1
-                if "warning:" in line:
-                    summary["warnings"] += 1
-                if "fatal:" in line or "panic:" in line or " error:" in line:
-                    summary["errors"] += 1
-        return summary
+    def log_summary(self) -> dict[str, Any]:
+        """Delivery outcomes in the maillog (``status=sent`` / ``deferred`` / ...) and warnings.
+
+        ``warning_samples`` holds up to five distinct warning/error texts (without timestamp,
+        process id or queue id) so that odd runs can be explained from the report alone.
+        """
+        counts = {"sent": 0, "deferred": 0, "bounced": 0, "expired": 0, "warnings": 0, "errors": 0}
+        samples: list[str] = []
+        if self.log_path.exists():
+            with open(self.log_path, encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    for status in ("sent", "deferred", "bounced", "expired"):
+                        if f" status={status} " in line:
+                            counts[status] += 1
+                    kind = "warnings" if "warning:" in line else None
+                    if "fatal:" in line or "panic:" in line or " error:" in line:
+                        kind = "errors"
+                    if kind:
+                        counts[kind] += 1
+                        text = _QUEUE_ID.sub("", line.split(": ", 1)[-1].strip())
+                        if len(samples) < 5 and text not in samples:
+                            samples.append(text)
+        return {**counts, "warning_samples": samples}
 
     def __enter__(self) -> Self:
         try:
@@ -317,6 +336,33 @@ class PostfixRelay:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _stop_group(pgid: int, timeout: float = 5.0) -> None:
+    """SIGTERM what is left of process group ``pgid``, then SIGKILL it after ``timeout``.
+
+    Linux does not reuse a pid while it is a live process group id, so the group can only hold
+    this instance's processes.
+    """
+    if not _group_exists(pgid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _group_exists(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:

@@ -39,7 +39,8 @@ __all__ = [
     "find_free_port",
     "install_signal_handlers",
     "log_tail",
-    "machine_busy_seconds",
+    "MachineCpu",
+    "machine_cpu",
     "read_counter",
     "require_tool",
     "start_redis",
@@ -198,21 +199,34 @@ def cpu_seconds(roots: Sequence[int]) -> float:
     return total
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores have spent not idle since boot (from ``/proc/stat``; 0.0 if absent).
+@dataclass(frozen=True)
+class MachineCpu:
+    """Cumulative CPU seconds of all cores since boot, split by kind (from ``/proc/stat``)."""
 
-    Taken before and after a run, minus the CPU time of the benchmark's own processes, this
-    shows how much *other* load shared the machine during the measurement.
+    tasks: float = 0.0  #: user + nice + system: time charged to processes
+    interrupts: float = 0.0  #: irq + softirq: includes loopback TCP processing, charged to no process
+    steal: float = 0.0  #: taken by the hypervisor for other guests
+
+    def __sub__(self, other: MachineCpu) -> MachineCpu:
+        return MachineCpu(
+            self.tasks - other.tasks, self.interrupts - other.interrupts, self.steal - other.steal
+        )
+
+
+def machine_cpu() -> MachineCpu:
+    """Read ``/proc/stat``'s first line (all zeros if unavailable).
+
+    Taken before and after a run, its ``tasks`` minus the CPU time of the benchmark's own
+    processes shows how much *other* load shared the machine during the measurement.
     """
     try:
         with open("/proc/stat", encoding="ascii") as fh:
             fields = fh.readline().split()
     except OSError:
-        return 0.0
+        return MachineCpu()
     # cpu user nice system idle iowait irq softirq steal guest guest_nice
-    values = [int(x) for x in fields[1:9]]
-    busy = values[0] + values[1] + values[2] + values[5] + values[6] + values[7]
-    return busy / _CLK_TCK
+    v = [int(x) / _CLK_TCK for x in fields[1:9]]
+    return MachineCpu(tasks=v[0] + v[1] + v[2], interrupts=v[5] + v[6], steal=v[7])
 
 
 @dataclass

@@ -5,7 +5,8 @@ For each system (Postfix first, then mxgate) this script starts a fresh ``smtp-s
 loopback port, starts the relay in front of it, sends one untimed smoke message through and
 waits for it at the sink, then runs::
 
-    smtp-source -c -s SESSIONS -m MESSAGES -l SIZE -d -f sender@example.com -t user@bench.test 127.0.0.1:RELAYPORT
+    smtp-source -c -s SESSIONS -m MESSAGES -l SIZE -d \
+        -f sender@example.com -t user@bench.test 127.0.0.1:RELAYPORT
 
 and measures two figures:
 
@@ -67,7 +68,7 @@ from _procs import (
     find_free_port,
     install_signal_handlers,
     log_tail,
-    machine_busy_seconds,
+    machine_cpu,
     read_counter,
     require_tool,
     start_redis,
@@ -122,6 +123,8 @@ class RunResult:
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict including the derived rates."""
         data = asdict(self)
+        data["ingest_seconds"] = round(self.ingest_seconds, 3)
+        data["e2e_seconds"] = round(self.e2e_seconds, 3)
         data["ingest_msgs_per_s"] = round(self.ingest_rate, 1)
         data["e2e_msgs_per_s"] = round(self.e2e_rate, 1)
         return data
@@ -185,7 +188,7 @@ def run_load(
     cpu_before = {label: cpu_seconds(pids()) for label, pids in cpu_roots.items()}
     cpu_before["smtp-sink"] = cpu_seconds([sink.proc.pid])
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy_before = machine_busy_seconds()
+    machine_before = machine_cpu()
     self_before = _self_cpu()
     load_before = os.getloadavg()[0]
 
@@ -250,8 +253,8 @@ def run_load(
     cpu["smtp-sink"] = cpu_seconds([sink.proc.pid]) - cpu_before["smtp-sink"]
     cpu["smtp-source"] = source_cpu
     cpu["relay_bench.py"] = _self_cpu() - self_before
-    busy = machine_busy_seconds() - busy_before
-    other = max(0.0, busy - sum(cpu.values()))
+    machine = machine_cpu() - machine_before
+    other = max(0.0, machine.tasks - sum(cpu.values())) + machine.steal
     cores = len(os.sched_getaffinity(0))
     print(f"[{system}] done: {n} messages delivered in {e2e_end - t0:.2f} s", file=sys.stderr, flush=True)
 
@@ -269,15 +272,18 @@ def run_load(
         cpu_seconds={k: round(v, 2) for k, v in cpu.items()},
     )
     result.checks["other_load"] = {
-        "machine_busy_cpu_s": round(busy, 2),
-        "other_processes_cpu_s": round(other, 2),
+        "machine_process_cpu_s": round(machine.tasks, 2),
+        "kernel_irq_softirq_cpu_s": round(machine.interrupts, 2),
+        "steal_cpu_s": round(machine.steal, 2),
+        "other_processes_and_steal_cpu_s": round(other, 2),
         "capacity_cpu_s": round(cores * (e2e_end - t0), 2),
         "loadavg_1m_before": round(load_before, 2),
     }
     if other > 0.1 * cores * (e2e_end - t0):
         result.notes.append(
-            f"WARNING: processes outside the benchmark used {other:.1f} CPU-s of the "
-            f"{cores * (e2e_end - t0):.1f} available during the run (load average before: {load_before:.1f}); "
+            f"WARNING: processes outside the benchmark (and hypervisor steal) used {other:.1f} CPU-s of the "
+            f"{cores * (e2e_end - t0):.1f} available during the run "
+            f"(load average before: {load_before:.1f}); "
             "the figures are depressed by that load: rerun on a quiet machine"
         )
     if final != n:
@@ -320,6 +326,10 @@ def run_postfix(args: argparse.Namespace, workdir: Path) -> RunResult:
             result.checks["queue_files_left"] = queues
             result.checks["maillog"] = relay.log_summary()
             result.notes.append(relay.defaults_note())
+            result.checks["commands"] = {
+                "start": f"{relay.postfix} -c {relay.config_dir} start",
+                "stop": f"{relay.postfix} -c {relay.config_dir} stop",
+            }
             if sum(queues.values()):
                 result.notes.append(f"queue not empty after the run: {queues}")
     return result
@@ -422,6 +432,11 @@ def run_mxgate(args: argparse.Namespace, workdir: Path) -> RunResult:
         # Stop the gateways now (SIGTERM, all at once) to see whether they shut down cleanly.
         result.checks["gateway_stop"] = manager.stop_many([g for g, _ in gateways], timeout=args.stop_timeout)
         result.checks["gateways"] = args.gateways
+        result.checks["commands"] = {
+            "redis": shlex.join(redis.proc.argv),
+            "controller": shlex.join(controller.argv),
+            "gateway-0": shlex.join(gateways[0][0].argv),
+        }
         result.checks["redis_persistence"] = "appendonly yes, appendfsync everysec, no RDB"
         result.checks["log_error_lines"] = {
             p.name: _count_errors(p.log_path) for p in [controller, *(g for g, _ in gateways)]
@@ -431,6 +446,26 @@ def run_mxgate(args: argparse.Namespace, workdir: Path) -> RunResult:
             "policy maxConnections=40 maxMessagesPerConnection=1000"
         )
     return result
+
+
+def wait_idle(limit: float, threshold: float = 0.10, window: float = 3.0) -> str:
+    """Wait up to ``limit`` seconds until the machine is idle; return what was seen.
+
+    Idle means: over a ``window``-second sample, processes used less than ``threshold`` of
+    all cores. Returns a short description for the report (it never fails: a busy machine is
+    flagged by the per-run ``other_load`` figures anyway).
+    """
+    cores = len(os.sched_getaffinity(0))
+    deadline = time.monotonic() + limit
+    while True:
+        before = machine_cpu()
+        time.sleep(window)
+        busy = (machine_cpu() - before).tasks / (cores * window)
+        if busy < threshold:
+            return f"idle ({busy:.0%} busy over {window:.0f} s)"
+        if time.monotonic() >= deadline:
+            return f"still {busy:.0%} busy after waiting {limit:.0f} s"
+        print(f"waiting for an idle machine: {busy:.0%} busy", file=sys.stderr, flush=True)
 
 
 def _self_cpu() -> float:
@@ -511,7 +546,8 @@ def print_report(report: dict[str, Any], results: dict[str, RunResult]) -> None:
     p = report["parameters"]
     print(file=out)
     print(
-        f"Relay benchmark: {p['messages']} messages of {p['size']} bytes, {p['sessions']} smtp-source sessions "
+        f"Relay benchmark: {p['messages']} messages of {p['size']} bytes, "
+        f"{p['sessions']} smtp-source sessions "
         f"(-d: connections reused), loopback",
         file=out,
     )
@@ -600,6 +636,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--start-timeout", type=float, default=60.0, help="seconds to wait for mxgate's /readyz (default: 60)"
     )
     parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each system, wait up to this long for other processes to use < 10%% of the CPUs "
+        "(default: 0, don't wait)",
+    )
+    parser.add_argument(
         "--stop-timeout",
         type=float,
         default=30.0,
@@ -665,8 +709,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         results: dict[str, RunResult] = {}
         with work_directory(args) as workdir:
             for system in systems:
+                idle = wait_idle(args.wait_idle) if args.wait_idle > 0 else None
                 runner = run_postfix if system == "postfix" else run_mxgate
                 results[system] = runner(args, workdir)
+                if idle:
+                    results[system].checks["before_run"] = idle
         report["results"] = {name: r.to_json() for name, r in results.items()}
         if "postfix" in results and "mxgate" in results:
             report["ratio_mxgate_over_postfix"] = {

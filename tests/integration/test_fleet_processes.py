@@ -1,0 +1,142 @@
+"""Issue 3's acceptance, with real processes: one Redis, the controller, four gateway processes and the
+provider simulator. The fleet as a whole must stay within the provider's limits."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from mxgate.embedded_redis import EmbeddedRedis, free_port
+from mxgate.sim.config import SimConfig
+from mxgate.sim.server import ProviderSimulator
+from support.gateway import policy, policy_yaml
+from support.procs import MxgateProcess, Processes
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    processes = Processes(tmp_path)
+    yield processes
+    processes.close()
+
+
+@pytest.fixture
+def fresh_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+async def start_fleet(procs: Processes, redis: EmbeddedRedis, tmp_path: Path, *, gateways: int,
+                      extra: tuple[str, ...] = (), **limits: object) -> list[tuple[MxgateProcess, int]]:
+    policies = tmp_path / "policies"
+    policies.mkdir(exist_ok=True)
+    (policies / "ms.yaml").write_text(policy_yaml(policy("microsoft", domains=["outlook.test"], **limits)))
+    controller = procs.mxgate("controller", "controller", "--redis-url", redis.url, "--policies", str(policies))
+    fleet = []
+    for i in range(gateways):
+        port, metrics = free_port(), free_port()
+        gw = procs.mxgate(f"gateway{i}", "gateway", "--redis-url", redis.url, "--listen", f"127.0.0.1:{port}",
+                          "--metrics-listen", f"127.0.0.1:{metrics}", "--hostname", f"gw{i}.test", *extra)
+        fleet.append((gw, port, metrics))
+    for gw, _, metrics in fleet:
+        await gw.wait_ready(metrics, timeout=60)
+    assert controller.returncode is None, controller.log_tail()
+    return [(gw, port) for gw, port, _ in fleet]
+
+
+async def send(ports: list[int], count: int, *, concurrency: int = 20, tag: str = "m") -> int:
+    todo: asyncio.Queue[int] = asyncio.Queue()
+    for n in range(count):
+        todo.put_nowait(n)
+    accepted = 0
+
+    async def client(i: int) -> None:
+        nonlocal accepted
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=ports[i % len(ports)], timeout=60) as smtp:
+            while not todo.empty():
+                n = todo.get_nowait()
+                msg = f"Subject: {n}\r\nMessage-ID: <{tag}{n}@example.com>\r\n\r\nbody {n}\r\n".encode()
+                await smtp.sendmail("app@example.com", ["u@outlook.test"], msg)
+                accepted += 1
+
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    return accepted
+
+
+async def wait_accepted(sim: ProviderSimulator, count: int, *, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        report = sim.report()
+        if report["accepted"]["messages"] >= count or time.monotonic() > deadline:
+            return report
+        await asyncio.sleep(0.25)
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[ProviderSimulator]:
+    async with ProviderSimulator(SimConfig(profile="outlook", max_connections=5)) as simulator:
+        yield simulator
+
+
+async def test_four_gateways_keep_within_five_connections(procs: Processes, fresh_redis: EmbeddedRedis,
+                                                          sim: ProviderSimulator, tmp_path: Path) -> None:
+    fleet = await start_fleet(procs, fresh_redis, tmp_path, gateways=4, route=[f"127.0.0.1:{sim.port}"],
+                              maxConnections=5, maxMessagesPerConnection=100)
+    assert await send([port for _, port in fleet], 5000) == 5000
+    report = await wait_accepted(sim, 5000, timeout=180)
+    assert report["accepted"]["messages"] == 5000, report["accepted"]
+    assert report["duplicates"]["messages"] == 0
+    assert report["deferrals"]["total"] == 0, report["deferrals"]      # the provider refused nothing
+    assert report["connections"]["max_concurrency"] <= 5                  # never more than 5 at once
+    assert report["connections"]["max_concurrency"] == 5                  # and the fleet used all 5
+
+
+async def test_kill_9_of_a_lease_holder_the_fleet_regains_full_concurrency(
+        procs: Processes, fresh_redis: EmbeddedRedis, tmp_path: Path) -> None:
+    # A slow provider keeps connections busy, so every lease is held when one gateway dies.
+    async with ProviderSimulator(SimConfig(profile="outlook", max_connections=4, latency=0.05)) as slow:
+        fleet = await start_fleet(procs, fresh_redis, tmp_path, gateways=2, route=[f"127.0.0.1:{slow.port}"],
+                                  maxConnections=4, maxMessagesPerConnection=10_000, extra=("--visibility", "5"))
+        sender = asyncio.create_task(send([port for _, port in fleet], 1500))
+        await wait_accepted(slow, 100, timeout=60)
+        victim = fleet[0][0]
+        victim.kill_group()              # kill -9 while it holds leases and claimed jobs
+        killed_at = time.monotonic()
+        assert victim.returncode == -signal.SIGKILL
+        # The survivor gets the dead pod's connection slots back within the lease length (30 s) ...
+        regained = None
+        while time.monotonic() - killed_at < 40:
+            if slow.report()["connections"]["open"] == 4:
+                regained = time.monotonic() - killed_at
+                break
+            await asyncio.sleep(0.2)
+        assert regained is not None, slow.report()["connections"]
+        # ... and never goes over the limit meanwhile.
+        assert slow.report()["connections"]["max_concurrency"] <= 4
+        assert slow.report()["deferrals"]["connections"] == 0
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+
+
+async def test_fleet_rate_limit_holds_in_every_window(procs: Processes, fresh_redis: EmbeddedRedis,
+                                                      tmp_path: Path) -> None:
+    async with ProviderSimulator(SimConfig(profile="outlook")) as unlimited:
+        fleet = await start_fleet(procs, fresh_redis, tmp_path, gateways=4, route=[f"127.0.0.1:{unlimited.port}"],
+                                  maxConnections=20, messagesPerSecond=50)
+        assert await send([port for _, port in fleet], 800) == 800
+        report = await wait_accepted(unlimited, 800, timeout=120)
+    assert report["accepted"]["messages"] == 800
+    series = dict(report["accepted_per_second"])
+    seconds = range(min(series), max(series) + 1)
+    per_second = [series.get(s, 0) for s in seconds]
+    windows = [sum(per_second[i:i + 10]) / 10 for i in range(0, max(1, len(per_second) - 9))]
+    assert max(windows) <= 55, windows     # the limit holds over every 10 s window
