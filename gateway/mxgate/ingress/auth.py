@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from argon2 import PasswordHasher
+from argon2 import PasswordHasher, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from mxgate.errors import ConfigError
@@ -54,6 +54,11 @@ class Credentials:
             login, sep, hashed = line.partition(":")
             if not sep or not login or not hashed.startswith("$argon2"):
                 raise ConfigError(f"{path}:{lineno}: expected 'user:$argon2id$...' (make one with `mxgate passwd`)")
+            try:
+                extract_parameters(hashed)
+            except InvalidHashError:
+                # A mangled hash (or the placeholder above, pasted as is) would load, then fail every login.
+                raise ConfigError(f"{path}:{lineno}: the hash for {login!r} is not an argon2 hash") from None
             if login in users:
                 raise ConfigError(f"{path}:{lineno}: user {login!r} appears twice")
             users[login] = hashed

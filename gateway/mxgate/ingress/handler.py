@@ -31,7 +31,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # domain is a host name (or an address literal, which a relay never needs and refuses).
 _LOCAL = r'(?:"(?:[^"\\\r\n]|\\.)*"|[^\s@<>()\[\]\\,;:"]+)'
 _ADDRESS_RE = re.compile(rf"^{_LOCAL}@(?P<domain>[^\s@<>()\[\]\\,;:\"]+)$")
-_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)[^\W_](?:[\w-]{0,61}[^\W_])?(?:\.[^\W_](?:[\w-]{0,61}[^\W_])?)+$", re.UNICODE)
+# A label: letters and digits of any script with inner hyphens (RFC 5321 Let-dig / Ldh-str); no underscore.
+_LABEL = r"[^\W_](?:(?:[^\W_]|-){0,61}[^\W_])?"
+_DOMAIN_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})+$", re.UNICODE)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,11 +46,11 @@ class IngressPolicy:
 
 
 def recipient_domain(address: str) -> str | None:
-    match = _ADDRESS_RE.match(address)
+    match = _ADDRESS_RE.fullmatch(address)  # not match(): "$" also matches before a trailing newline
     if not match:
         return None
     domain = match.group("domain").rstrip(".").lower()
-    return domain if _DOMAIN_RE.match(domain) else None
+    return domain if _DOMAIN_RE.fullmatch(domain) else None
 
 
 def has_bare_line_ending(data: bytes) -> bool:
@@ -84,7 +86,11 @@ class IngressHandler:
                           responses: list[str]) -> list[str]:
         session.host_name = hostname
         # aiosmtpd already lists SIZE, 8BITMIME, STARTTLS and AUTH; we also pipeline and speak enhanced codes.
-        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+        # Without a credentials file aiosmtpd still lists AUTH (after STARTTLS) and then fails every login:
+        # don't offer it, so clients relay by network instead of failing on AUTH.
+        extensions = [line for line in responses[:-1]
+                      if self.policy.auth_offered or not line.startswith("250-AUTH")]
+        return [*extensions, "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
@@ -95,9 +101,9 @@ class IngressHandler:
             if self.policy.auth_offered:
                 return "530 5.7.0 Authentication required"
             return "554 5.7.1 Relay access denied: client not in allowed networks"
-        if address == "<>":
-            address = ""  # the null reverse-path (bounces): aiosmtpd hands it over with its brackets
-        if address and recipient_domain(address) is None:
+        # The null reverse-path (bounces) arrives as "<>" and stays so in the envelope: aiosmtpd answers RCPT
+        # with "503 need MAIL" while mail_from is falsy. It becomes "" in the spooled job (handle_DATA).
+        if address != "<>" and recipient_domain(address) is None:
             return "501 5.1.7 Bad sender address syntax"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -135,7 +141,8 @@ class IngressHandler:
             for index, (domain, rcpts) in enumerate(by_domain.items()):
                 provider = await self.router.provider_for(domain)
                 jobs.append(NewJob(provider=provider, job_id=f"{queue_id}.{index}", queue_id=queue_id,
-                                   sender=envelope.mail_from or "", recipients=rcpts, domain=domain, body=body))
+                                   sender=_reverse_path(envelope), recipients=rcpts, domain=domain,
+                                   body=body))
             try:
                 await self.spool.enqueue(jobs)
             except SpoolError as exc:
@@ -161,6 +168,11 @@ class IngressHandler:
         header = (f"Received: from {helo} ([{peer}])\r\n\tby {self.policy.hostname} (mxgate) with {protocol} "
                   f"id {queue_id}{rcpt};\r\n\t{formatdate(time.time())}\r\n")
         return header.encode("utf-8", "surrogateescape")
+
+
+def _reverse_path(envelope: Envelope) -> str:
+    sender = envelope.mail_from
+    return "" if sender is None or sender == "<>" else sender
 
 
 def _header_safe(text: str) -> str:

@@ -10,6 +10,10 @@ bare CR or LF, never reinterprets it:
 - in message data: aiosmtpd ends DATA only at ``<CR><LF>.<CR><LF>``, so the stream stays in sync; the
   handler then rejects the message with ``554 5.5.2`` (see ``IngressHandler.handle_DATA``).
 
+DATA and MAIL/RCPT paths go through the fast paths of :mod:`mxgate.smtpwire` (one read per message
+instead of one per line; a regular expression for plain addresses), with aiosmtpd's limits kept: the
+size limit (552), the 998-octet line limit (500), and the handler's hook decides the reply.
+
 AUTH: aiosmtpd calls its authenticator synchronously; password hashes are deliberately slow, so the
 PLAIN and LOGIN mechanisms here collect the credentials through aiosmtpd and verify them asynchronously
 (``Authenticator.verify`` runs in a worker thread).
@@ -20,9 +24,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, syntax
 
 from mxgate.ingress.auth import Authenticator
+from mxgate.smtpwire import MessageTooBig, has_line_longer_than, read_data, simple_path
+
+MAX_LINE = 998  # octets per line without CRLF (RFC 5322 §2.1.1)
 
 
 class BareLineEnding(Exception):
@@ -30,10 +37,19 @@ class BareLineEnding(Exception):
 
 
 class StrictStreamReader(asyncio.StreamReader):
+    # A class attribute, so re-classing an existing reader needs no per-instance set-up.
+    refused = False
+
     async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        if self.refused:
+            # After a bare line ending the connection is closing: commands the client pipelined behind it
+            # are already in the buffer and would otherwise run (even a whole transaction) before the close.
+            # connection_lost cancels this wait.
+            await asyncio.get_running_loop().create_future()
         line = await super().readuntil(separator)
         # Command lines are read with the default separator; DATA lines with b"\r\n" (checked later).
         if separator == b"\n" and (not line.endswith(b"\r\n") or b"\r" in line[:-2]):
+            self.refused = True
             raise BareLineEnding()
         return line
 
@@ -45,13 +61,31 @@ class IngressSMTP(SMTP):
     def __init__(self, handler: Any, *, authenticator: Authenticator | None, **kwargs: Any) -> None:
         super().__init__(handler, authenticator=self._collect if authenticator else None, **kwargs)
         self.mx_authenticator = authenticator
-        # Make the reader aiosmtpd created refuse bare line endings. StrictStreamReader adds no state, so
-        # re-classing the existing object is safe and keeps aiosmtpd's own wiring (limit, transport).
+        # Make the reader aiosmtpd created refuse bare line endings. StrictStreamReader adds no state but a
+        # flag with a class default, so re-classing the existing object is safe and keeps aiosmtpd's own
+        # wiring (limit, transport).
         reader = self._stream_reader
         assert reader is not None
         reader.__class__ = StrictStreamReader
         self._collected: LoginPassword | None = None
         self.smuggling_attempts = 0
+
+    # -- timeouts -------------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        # aiosmtpd restarts its timer only when a command arrives, so a message still streaming in after
+        # DATA was cut off ``timeout`` seconds after the DATA command. Any bytes from the client count as
+        # activity (RFC 5321 §4.5.3.2 times out each read, not the whole transfer).
+        if self._timeout_handle is not None:
+            self._reset_timeout()
+        super().data_received(data)
+
+    def _timeout_cb(self) -> None:
+        # RFC 5321 §4.5.3.2: tell the client why before closing; aiosmtpd closes silently.
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded, closing\r\n".encode())
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     # -- bare line endings in commands ---------------------------------------------------------------
 
@@ -64,6 +98,41 @@ class IngressSMTP(SMTP):
                 self.loop.call_soon(transport.close)
             return "500 5.5.2 Error: bare <CR> or <LF> in command line (use <CR><LF>); closing connection"
         return await super().handle_exception(error)
+
+    # -- fast paths (see mxgate.smtpwire) ------------------------------------------------------------
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        simple = None if self.local_part_limit else simple_path(arg)
+        return simple if simple is not None else super()._getaddr(arg)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        envelope = self.envelope
+        assert envelope is not None
+        if not envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            content = await read_data(self._reader, size_limit=self.data_size_limit,
+                                      line_limit=self.line_length_limit)
+        except MessageTooBig:
+            self._set_post_data_state()
+            await self.push("552 5.3.4 Error: message size exceeds fixed maximum message size")
+            return
+        if has_line_longer_than(content, MAX_LINE):
+            self._set_post_data_state()
+            await self.push("500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)")
+            return
+        envelope.content = envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
 
     # -- asynchronous AUTH ---------------------------------------------------------------------------
 

@@ -1,17 +1,9 @@
 """The simulator's I/O: an aiosmtpd server that asks :class:`~mxgate.sim.provider.ProviderModel` what to
 answer, an aiohttp control endpoint, and the report and sink-log files.
 
-aiosmtpd parses SMTP; two of its per-message costs are replaced because the simulator has to outrun the
-relays it measures (thousands of messages a second on one core, see ``docs/simulator.md``):
-
-* **DATA** — aiosmtpd reads the message one line at a time (one ``readuntil`` and one list append per
-  line, with the reader limited to 1001 bytes, which also pauses the socket every 2 KB).
-  :meth:`SimSMTP.smtp_DATA` raises the reader's limit to the size limit for the duration of DATA and reads
-  up to each ``.<CRLF>``, normally the whole message in one call, then undoes dot-stuffing with one
-  ``bytes.replace``. The end of data is exactly ``<CRLF>.<CRLF>`` as in aiosmtpd (RFC 5321 §4.1.1.4).
-* **Addresses** — aiosmtpd parses every MAIL/RCPT path with the email package's RFC 5322 parser (~90 µs).
-  Plain ``<local@domain>`` paths are taken with one regular expression; anything else (quoted local
-  parts, address literals, source routes) still goes to aiosmtpd's parser.
+aiosmtpd parses SMTP; its two per-message costs (line-by-line DATA, the RFC 5322 address parser) are
+replaced by the fast paths in :mod:`mxgate.smtpwire`, because the simulator has to outrun the relays it
+measures (thousands of messages a second on one core, see ``docs/simulator.md``).
 """
 
 from __future__ import annotations
@@ -20,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import re
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -29,6 +20,7 @@ from typing import Any
 from aiohttp import web
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
+from mxgate.smtpwire import MessageTooBig, read_data, simple_path
 from mxgate.sim.config import SimConfig
 from mxgate.sim.outputs import SinkLog, write_report
 from mxgate.sim.provider import Connection, Deferral, ProviderModel
@@ -37,9 +29,6 @@ __all__ = ["ProviderSimulator", "SimSMTP"]
 
 log = logging.getLogger("mxgate.sim")
 
-# A dot-atom local part and a host name: what nearly every MTA sends. Everything else falls back to aiosmtpd.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_SIMPLE_PATH = re.compile(rf"<((?:{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)?)>")
 
 # Seconds stop() waits for shut-down connections to finish closing.
 _CLOSE_GRACE = 2.0
@@ -82,9 +71,6 @@ class SimSMTP(SMTP):
         self.model: ProviderModel = simulator.model
         self.connection: Connection = Connection("", None)  # replaced in connection_made
         self.refused_at_connect = False
-        # Bounds the memory of one DATA read: the size limit plus the terminator (a few stuffed dots more
-        # end in a 552 after the read). Unlimited still needs a number for the reader.
-        self._data_read_limit = (config.max_message_size or (1 << 62)) + 5
 
     # -- connection lifecycle ------------------------------------------------------------------------
 
@@ -127,10 +113,8 @@ class SimSMTP(SMTP):
     # -- the per-message path ------------------------------------------------------------------------
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        match = _SIMPLE_PATH.match(arg)
-        if match is None or self.local_part_limit:
-            return super()._getaddr(arg)
-        return match.group(1) or "<>", arg[match.end() :].lstrip()
+        simple = None if self.local_part_limit else simple_path(arg)
+        return simple if simple is not None else super()._getaddr(arg)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
@@ -144,14 +128,8 @@ class SimSMTP(SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
-        reader = self._reader
-        line_limit = reader._limit  # type: ignore[attr-defined]
-        reader._limit = self._data_read_limit  # type: ignore[attr-defined]
-        try:
-            await self.push("354 End data with <CR><LF>.<CR><LF>")
-            content = await self._read_data()
-        finally:
-            reader._limit = line_limit  # type: ignore[attr-defined]
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        content = await self._read_data()
         if content is None:
             self.envelope = self._create_envelope()
             await self.push("552 5.3.4 Error: message too big")
@@ -173,42 +151,11 @@ class SimSMTP(SMTP):
 
     async def _read_data(self) -> bytes | None:
         """The message after dot-unstuffing, or None if it was larger than the size limit (then drained)."""
-        reader = self._reader
-        limit = self._data_read_limit
         try:
-            data = await reader.readuntil(b".\r\n")
-            # A line ending in "." also ends a chunk; only a "." alone on a line ends the data.
-            while data != b".\r\n" and not data.endswith(b"\r\n.\r\n"):
-                if len(data) > limit:
-                    raise asyncio.LimitOverrunError("message too big", 0)
-                data += await reader.readuntil(b".\r\n")
-        except asyncio.LimitOverrunError:
-            reader._limit = self.line_length_limit  # type: ignore[attr-defined]
-            await self._discard_data()
+            return await read_data(self._reader, size_limit=self.data_size_limit,
+                                   line_limit=self.line_length_limit)
+        except MessageTooBig:
             return None
-        content = data[:-3]
-        if content.startswith(b"."):
-            content = content[1:]
-        if b"\r\n." in content:
-            content = content.replace(b"\r\n.", b"\r\n")
-        if self.data_size_limit and len(content) > self.data_size_limit:
-            return None
-        return content
-
-    async def _discard_data(self) -> None:
-        """Read and drop the rest of an oversized message, up to its ``<CRLF>.<CRLF>``, one line at a time."""
-        reader = self._reader
-        at_line_start = True  # every chunk read so far ended with ".\r\n"
-        while True:
-            try:
-                line = await reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as exc:
-                await reader.readexactly(exc.consumed)
-                at_line_start = False
-                continue
-            if at_line_start and line == b".\r\n":
-                return
-            at_line_start = True
 
 
 class ProviderSimulator:

@@ -27,6 +27,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from mxgate import keys
 from mxgate.errors import SpoolError
@@ -126,25 +127,49 @@ class Spool:
         self._ack: AsyncScript = redis.register_script(_script("ack"))
         self._defer: AsyncScript = redis.register_script(_script("defer"))
         self._extend: AsyncScript = redis.register_script(_script("extend"))
+        self._registered: dict[str, float] = {}
 
     async def enqueue(self, jobs: Sequence[NewJob]) -> None:
         """Store all jobs of one message in one round trip; raises SpoolError unless all are stored."""
-        pipe = self.redis.pipeline(transaction=False)
-        providers = set()
-        for job in jobs:
-            await self._enqueue(keys=[keys.queue(job.provider), keys.job(job.provider, job.job_id)],
-                                args=[job.job_id, *job.fields()], client=pipe)
-            providers.add(job.provider)
-        for provider in providers:
-            pipe.sadd(keys.PROVIDERS, provider)
-            pipe.publish(keys.EVENTS, f"{keys.EVENT_WAKE} {provider}")
         try:
-            results = await pipe.execute(raise_on_error=False)
+            await self._register(job.provider for job in jobs)
+            if len(jobs) == 1:
+                job = jobs[0]
+                await self._enqueue(keys=self._job_keys(job), args=self._job_args(job))
+                return
+            # Several domains: one pipeline of EVALSHA (redis-py's pipelined Script objects would first
+            # ask SCRIPT EXISTS on every execute: a second round trip per message).
+            for attempt in range(2):
+                pipe = self.redis.pipeline(transaction=False)
+                for job in jobs:
+                    pipe.evalsha(self._enqueue.sha, 2, *self._job_keys(job), *self._job_args(job))
+                results = await pipe.execute(raise_on_error=False)
+                if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                    await self.redis.script_load(self._enqueue.script)
+                    continue
+                for result in results:
+                    if isinstance(result, Exception):
+                        raise SpoolError(f"spool write failed: {result}") from result
+                return
         except _REDIS_ERRORS as exc:
             raise SpoolError(f"spool unavailable: {exc}") from exc
-        for result in results:
-            if isinstance(result, Exception):
-                raise SpoolError(f"spool write failed: {result}") from result
+
+    @staticmethod
+    def _job_keys(job: NewJob) -> list[str]:
+        return [keys.queue(job.provider), keys.job(job.provider, job.job_id)]
+
+    @staticmethod
+    def _job_args(job: NewJob) -> list[str | bytes]:
+        return [job.job_id, keys.EVENTS, f"{keys.EVENT_WAKE} {job.provider}", *job.fields()]
+
+    async def _register(self, providers: Iterable[str]) -> None:
+        """Add providers to the index the dispatchers scan, at most once a minute per provider per process."""
+        now = time.monotonic()
+        new = [p for p in set(providers) if self._registered.get(p, 0.0) < now]
+        if new:
+            await self.redis.sadd(keys.PROVIDERS, *new)
+            for provider in new:
+                self._registered[provider] = now + 60.0
 
     async def claim(self, provider: str, *, limit: int, visibility_ms: int) -> Claim:
         token = secrets.token_hex(8)

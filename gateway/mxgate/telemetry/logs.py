@@ -30,8 +30,10 @@ class JsonFormatter(logging.Formatter):
         qid = queue_id_var.get()
         if qid is not None:
             entry["qid"] = qid
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
+        extra = record.__dict__.keys() - _STANDARD
+        for key in extra:
+            if not key.startswith("_"):
+                value = record.__dict__[key]
                 entry[key] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)

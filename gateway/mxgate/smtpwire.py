@@ -1,0 +1,89 @@
+"""Fast paths for the two per-message costs of aiosmtpd, shared by ingress and the simulator.
+
+* **DATA** — aiosmtpd reads a message one line at a time (one ``readuntil`` and one list append per
+  line, with the reader limited to 1001 bytes, which also pauses the socket every 2 KB). ``read_data``
+  raises the reader's limit for the duration of DATA and reads up to each ``.<CRLF>``, normally the whole
+  message in one call, then undoes dot-stuffing with one ``bytes.replace``. The end of data is exactly
+  ``<CRLF>.<CRLF>``, as in aiosmtpd (RFC 5321 §4.1.1.4): a bare-LF "end" such as ``<LF>.<CRLF>`` is
+  message content, which ingress then refuses (SMTP smuggling), never a place to resynchronise.
+* **Addresses** — aiosmtpd parses every MAIL/RCPT path with the email package's RFC 5322 parser
+  (~90 µs). Plain ``<local@domain>`` paths are taken with one regular expression (``simple_path``);
+  anything else (quoted local parts, address literals, source routes) still goes to aiosmtpd's parser.
+
+``StreamReader._limit`` is private to asyncio; the tests for size limits and dot-stuffing would catch a
+change in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+# A dot-atom local part and a host name: what nearly every MTA sends. UTF-8 (SMTPUTF8) falls back too.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH = re.compile(rf"<((?:{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)?)>")
+
+
+def simple_path(arg: str) -> tuple[str, str] | None:
+    """``"<a@b.c> SIZE=10"`` -> ``("a@b.c", "SIZE=10")``; ``"<>"`` -> ``("<>", "")``; None if not simple."""
+    match = _SIMPLE_PATH.match(arg)
+    if match is None:
+        return None
+    return match.group(1) or "<>", arg[match.end():].lstrip()
+
+
+class MessageTooBig(Exception):
+    """The message exceeded the size limit; the rest of it has been read and dropped."""
+
+
+async def read_data(reader: asyncio.StreamReader, *, size_limit: int | None, line_limit: int) -> bytes:
+    """Read a message after ``354`` up to ``<CRLF>.<CRLF>``; returns it dot-unstuffed, without the end mark.
+
+    Raises MessageTooBig (after draining the message) when it is larger than ``size_limit``.
+    ``line_limit`` is the reader's normal limit, restored afterwards.
+    """
+    read_limit = (size_limit or (1 << 62)) + 5
+    reader._limit = read_limit  # type: ignore[attr-defined]
+    try:
+        data = await reader.readuntil(b".\r\n")
+        # A line ending in "." also ends a chunk; only a "." alone on a line ends the data.
+        while data != b".\r\n" and not data.endswith(b"\r\n.\r\n"):
+            if len(data) > read_limit:
+                raise asyncio.LimitOverrunError("message too big", 0)
+            data += await reader.readuntil(b".\r\n")
+    except asyncio.LimitOverrunError:
+        reader._limit = line_limit  # type: ignore[attr-defined]
+        await _discard_data(reader)
+        raise MessageTooBig() from None
+    finally:
+        reader._limit = line_limit  # type: ignore[attr-defined]
+    content = data[:-3]
+    if content.startswith(b"."):
+        content = content[1:]
+    if b"\r\n." in content:
+        content = content.replace(b"\r\n.", b"\r\n")
+    if size_limit and len(content) > size_limit:
+        raise MessageTooBig()
+    return content
+
+
+async def _discard_data(reader: asyncio.StreamReader) -> None:
+    """Read and drop the rest of an oversized message, up to its ``<CRLF>.<CRLF>``, one line at a time."""
+    at_line_start = True  # every chunk read so far ended with ".\r\n"
+    while True:
+        try:
+            line = await reader.readuntil(b"\r\n")
+        except asyncio.LimitOverrunError as exc:
+            await reader.readexactly(exc.consumed)
+            at_line_start = False
+            continue
+        if at_line_start and line == b".\r\n":
+            return
+        at_line_start = True
+
+
+def has_line_longer_than(content: bytes, limit: int) -> bool:
+    """True if a line of ``content`` (without its CRLF) is longer than ``limit`` octets."""
+    if len(content) <= limit:
+        return False  # no line can be longer than the whole
+    return max(map(len, content.split(b"\r\n"))) > limit
