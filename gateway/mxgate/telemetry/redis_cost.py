@@ -1,4 +1,4 @@
-"""Counting Redis round trips: the cost of a delivered message in Redis requests.
+"""The gateway's Redis client: retries on a dropped connection, and counts its round trips.
 
 Every command or pipeline redis-py sends is one round trip; the count is exported as
 ``mxgate_redis_roundtrips_total`` and read by ``bench/redis_cost.py`` to report round trips per
@@ -13,6 +13,9 @@ import redis.asyncio as aioredis
 from opentelemetry import metrics as otel_metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError
 
 ROUND_TRIPS = [0]
 
@@ -48,4 +51,8 @@ def connect_redis(url: str) -> aioredis.Redis:
     cls = CountingUnixConnection if url.startswith("unix://") else CountingConnection
     pool = aioredis.ConnectionPool.from_url(url, connection_class=cls, socket_timeout=5, socket_connect_timeout=2,
                                             health_check_interval=10)
-    return aioredis.Redis(connection_pool=pool)
+    # A pooled connection that died with a restarted Redis fails its next command: retry it on a fresh
+    # connection. Every mxgate script is safe to run twice (enqueue is idempotent per job id; ack, defer
+    # and renew check tokens), so a command that did run before the error only costs a no-op.
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
+    return aioredis.Redis(connection_pool=pool, retry=retry, retry_on_error=[ConnectionError])
