@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+
 from mxgate.embedded_redis import EmbeddedRedis
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests.support helpers importable as `support`

@@ -34,8 +34,9 @@ from mxgate.policybook import PolicyBook
 from mxgate.routing.dns import MxResolver
 from mxgate.routing.router import Router
 from mxgate.spool.store import Spool
-from mxgate.telemetry.health import HealthServer
+from mxgate.tasks import cancel_and_wait
 from mxgate.telemetry.fleet import TelemetryRecorder
+from mxgate.telemetry.health import HealthServer
 from mxgate.telemetry.metrics import Metrics
 from mxgate.telemetry.redis_cost import connect_redis
 
@@ -229,22 +230,6 @@ class Gateway:
             await stop.wait()
         finally:
             await self.shutdown()
-
-
-async def cancel_and_wait(tasks: list[asyncio.Task[None]], *, timeout: float) -> None:
-    """Cancel ``tasks`` and wait until they have ended, cancelling again until they do.
-
-    Once is not enough on Python 3.11: ``asyncio.wait_for`` (redis-py wraps every socket write in it)
-    swallows a cancellation that arrives just as the write completes (CPython gh-86296, fixed in 3.12),
-    and a ``while True`` loop that survives its cancellation keeps the process from ever exiting.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    pending = {task for task in tasks if not task.done()}
-    while pending and loop.time() < deadline:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.1)
 
 
 def _redact(url: str) -> str:

@@ -194,11 +194,11 @@ async def _controller(args: argparse.Namespace) -> None:
 async def _dev(args: argparse.Namespace) -> None:
     import redis.asyncio as aioredis
 
-    from mxgate.app import Gateway, cancel_and_wait
+    from mxgate.app import Gateway
     from mxgate.embedded_redis import EmbeddedRedis
-    from mxgate_operator.filemode import FileController
-
     from mxgate.policy import load_policy_dir
+    from mxgate.tasks import cancel_and_wait
+    from mxgate_operator.filemode import FileController
 
     load_policy_dir(args.policies)  # fail before starting anything
     redis_server = EmbeddedRedis(args.data_dir.resolve(), port=args.redis_port or None).start()

@@ -143,9 +143,10 @@ class PolicyBook:
             else:
                 self.effective.pop(provider, None)
             if self.limits(provider) != before:
-                log.info("effective limits changed", extra={"provider": provider,
-                                                              "max_connections": self.limits(provider).max_connections,
-                                                              "messages_per_second": self.limits(provider).messages_per_second})
+                now = self.limits(provider)
+                log.info("effective limits changed", extra={
+                    "provider": provider, "max_connections": now.max_connections,
+                    "messages_per_second": now.messages_per_second})
                 for callback in self._on_limits:
                     callback(provider)
         return True

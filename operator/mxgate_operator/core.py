@@ -143,7 +143,8 @@ def decide(adaptive: Adaptive, ceiling: Limits, state: ControlState, window: Win
     calm = state.calm + 1
     new = replace(state, calm=calm)
     # A level that once drew signals and has now been calm for a while is no longer known-bad.
-    if state.connections_bad is not None and state.connections >= state.connections_bad and calm >= adaptive.calm_windows:
+    if (state.connections_bad is not None and state.connections >= state.connections_bad
+            and calm >= adaptive.calm_windows):
         new = replace(new, connections_bad=None, connection_strikes=0)
     if (state.rate_bad is not None and state.rate is not None and state.rate >= state.rate_bad
             and calm >= adaptive.calm_windows):

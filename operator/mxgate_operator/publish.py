@@ -25,7 +25,8 @@ def table_revision(policies: Sequence[ProviderPolicy]) -> str:
     return digest.hexdigest()[:16]
 
 
-async def publish_policies(redis: aioredis.Redis, policies: Sequence[ProviderPolicy], *, writer: str | None = None) -> str:
+async def publish_policies(redis: aioredis.Redis, policies: Sequence[ProviderPolicy], *,
+                           writer: str | None = None) -> str:
     """Replace the policy table in Redis; returns the table's revision."""
     revision = table_revision(policies)
     pipe = redis.pipeline(transaction=True)

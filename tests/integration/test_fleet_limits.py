@@ -35,7 +35,9 @@ async def wake_on_release(url: str, limiters: list[FleetLimiter]) -> AsyncIterat
 
     async def relay() -> None:
         async for message in pubsub.listen():
-            kind, _, provider = message["data"].decode().partition(" ") if message["type"] == "message" else ("", "", "")
+            if message["type"] != "message":
+                continue
+            kind, _, provider = message["data"].decode().partition(" ")
             if kind == keys.EVENT_FREE:
                 for limiter in limiters:
                     limiter.released(provider)

@@ -53,7 +53,8 @@ async def test_delivery_falls_back_to_the_next_mx_and_reroutes_when_dns_recovers
     sink = await Sink().start()
     zone = {
         # The first MX resolves to an address nobody listens on (connection refused), the second to the sink.
-        "contoso.test": [("MX", 300, "10 dead.protection.outlook.test."), ("MX", 300, "20 live.protection.outlook.test.")],
+        "contoso.test": [("MX", 300, "10 dead.protection.outlook.test."),
+                         ("MX", 300, "20 live.protection.outlook.test.")],
         "dead.protection.outlook.test": [("A", 300, "127.0.0.2")],
         "live.protection.outlook.test": [("A", 300, "127.0.0.1")],
     }

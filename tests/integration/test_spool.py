@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import redis.asyncio as aioredis
+
 from mxgate import keys
 from mxgate.spool.store import NewJob, Spool, new_queue_id
 

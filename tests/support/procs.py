@@ -67,7 +67,8 @@ class SlowSinkHandler(SinkHandler):
         return await super().handle_DATA(server, session, envelope)
 
 
-async def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.05) -> None:
+async def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str,
+                     interval: float = 0.05) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not predicate():
@@ -168,7 +169,8 @@ async def wait_for_readyz(metrics_port: int, status: int, *, timeout: float,
     last: tuple[int, str] | None = None
     while True:
         if process is not None and process.returncode is not None:
-            raise AssertionError(f"{process.name} exited with {process.returncode}; log:\n{process.log_tail()}")
+            raise AssertionError(f"{process.name} exited with {process.returncode}; "
+                                 f"log:\n{process.log_tail()}")
         last = await readyz(metrics_port)
         if last is not None and last[0] == status:
             return last[1]
@@ -240,7 +242,8 @@ class Sender:
 
     Every connection goes to the first of ``ports``; a message that fails in any way (a 4xx, a refused
     connection, a gateway killed mid-transaction) is retried on a fresh connection to the next port (a
-    client failing over to another gateway). Only a ``250 ... queued as <ID>`` counts; the ids are kept in ``accepted``.
+    client failing over to another gateway). Only a ``250 ... queued as <ID>`` counts; the ids are kept
+    in ``accepted``.
     """
 
     ports: Sequence[int]

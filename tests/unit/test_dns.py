@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from mxgate.errors import DnsPermanentError, DnsTemporaryError
 from mxgate.routing.dns import MxAnswer, MxHost, MxResolver, normalise_domain, order_mx, usable_mx
 from support.dnsserver import DnsServer, Zone, start_dns_server

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from mxgate.egress.dsn import (
     MAX_DIAGNOSTIC_CHARS,
     MAX_ORIGINAL_HEADERS_OCTETS,

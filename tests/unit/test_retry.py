@@ -8,6 +8,7 @@ import math
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from mxgate.egress.replies import DeferralClass
 from mxgate.egress.retry import RetrySchedule, is_expired, next_delay
 

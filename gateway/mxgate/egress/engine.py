@@ -24,9 +24,9 @@ import logging
 import random
 import time
 from collections import deque
-from datetime import UTC, datetime
 from dataclasses import dataclass
-from typing import Protocol
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from mxgate.egress.dsn import RecipientFailure, build_dsn, should_notify
 from mxgate.egress.outcome import EXPIRED_STATUS, Verdict, judge
@@ -38,6 +38,7 @@ from mxgate.policy import Limits
 from mxgate.policybook import PolicyBook
 from mxgate.routing.router import NextHop, Router
 from mxgate.spool.store import Job, NewJob, Spool
+from mxgate.tasks import cancel_and_wait
 from mxgate.telemetry.logs import queue_id_var
 from mxgate.telemetry.metrics import Metrics
 
@@ -111,7 +112,7 @@ class DeliveryEngine:
         """Stop claiming; let connections finish their current message; hand everything else back."""
         self.stopping = True
         if self._scan_task:
-            self._scan_task.cancel()
+            await cancel_and_wait([self._scan_task])
         await asyncio.gather(*(d.stop(grace=grace) for d in self.dispatchers.values()), return_exceptions=True)
 
     def random(self) -> float:
@@ -141,6 +142,7 @@ class ProviderDispatcher:
         self._poke = asyncio.Event()
         self._work = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
+        self._waiting_for_lease: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -163,7 +165,9 @@ class ProviderDispatcher:
         return sum(len(q) for q in self.pending.values())
 
     async def stop(self, *, grace: float) -> None:
-        self._tasks[0].cancel()
+        await cancel_and_wait([self._tasks[0]])   # stop claiming
+        # No connection yet, so nothing to finish: their jobs are handed back below.
+        await cancel_and_wait(self._waiting_for_lease)
         conns = [t for tasks in self.connections.values() for t in tasks]
         async with self._work:
             self._work.notify_all()  # idle connections notice `stopping` and quit
@@ -172,9 +176,7 @@ class ProviderDispatcher:
             for task in still:
                 task.cancel()
             await asyncio.gather(*still, return_exceptions=True)
-        for task in self._tasks[1:]:   # the lease-renewal and ack loops: stop them before the last flush
-            task.cancel()
-        await asyncio.gather(*self._tasks[1:], return_exceptions=True)
+        await cancel_and_wait(self._tasks[1:])  # the renewal and ack loops: stopped before the last flush
         await self._flush_acks()  # first: a finished job must be deleted, not handed back
         for queue in self.pending.values():
             while queue:
@@ -250,11 +252,9 @@ class ProviderDispatcher:
                 engine.wake(provider)
                 return
             hops = tuple(await engine.router.next_hops(self.provider, job.domain))
-        except DnsTemporaryError as exc:
-            await self._finish(job, DeliveryReport({r: SmtpReply(451, exc.enhanced, str(exc)) for r in job.recipients}, ""))
-            return
-        except DnsPermanentError as exc:
-            await self._finish(job, DeliveryReport({r: SmtpReply(550, exc.enhanced, str(exc)) for r in job.recipients}, ""))
+        except (DnsTemporaryError, DnsPermanentError) as exc:
+            reply = SmtpReply(exc.code, exc.enhanced, str(exc))
+            await self._finish(job, DeliveryReport(dict.fromkeys(job.recipients, reply), ""))
             return
         except SpoolError as exc:
             log.warning("could not move job: %s", exc)
@@ -304,14 +304,20 @@ class ProviderDispatcher:
     async def _connection(self, hops: tuple[NextHop, ...]) -> None:
         engine = self.engine
         started = time.monotonic()
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting_for_lease.add(task)
         try:
             async with engine.limiter.connection(self.provider, limit=self.limits.max_connections) as lease:
+                self._waiting_for_lease.discard(task)
                 engine.metrics.lease_wait(self.provider, time.monotonic() - started)
                 await self._use_connection(hops, lease)
         except LimiterUnavailable as exc:
             # Redis is away: the jobs stay queued here and are tried again (or released on shutdown).
             log.warning("%s", exc, extra={"provider": self.provider})
             await asyncio.sleep(1.0)
+        finally:
+            self._waiting_for_lease.discard(task)
 
     async def _use_connection(self, hops: tuple[NextHop, ...], lease: Lease) -> None:
         engine = self.engine
@@ -418,7 +424,8 @@ class ProviderDispatcher:
                 log.warning("failed permanently", extra={"rcpt": rcpt, "reply": str(reply)})
             for rcpt, reply in verdict.deferred:
                 metrics.deferred(self.provider, verdict.deferral or DeferralClass.OTHER)
-                log.info("deferred", extra={"rcpt": rcpt, "reply": str(reply), "retry_in": round(verdict.retry_delay, 1)})
+                log.info("deferred", extra={"rcpt": rcpt, "reply": str(reply),
+                                            "retry_in": round(verdict.retry_delay, 1)})
             try:
                 if verdict.failed:
                     await self._notify_sender(job, verdict.failed, report.remote, expired=verdict.expired)

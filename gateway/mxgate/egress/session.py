@@ -92,7 +92,7 @@ class OutboundSession:
                 except DeliveryError as exc:  # DNS errors are RoutingErrors; record and try the next hop
                     failures.append(f"{hop}: {exc}")
                     continue
-                except Exception as exc:  # noqa: BLE001 - any lookup failure means "try the next host"
+                except Exception as exc:
                     failures.append(f"{hop}: {exc}")
                     continue
             for address in addresses:

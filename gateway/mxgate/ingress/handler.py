@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
+
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mxgate.errors import SpoolError

@@ -33,6 +33,7 @@ from redis.commands.core import AsyncScript
 
 from mxgate import keys
 from mxgate.errors import MxgateError
+from mxgate.tasks import cancel_and_wait
 
 log = logging.getLogger("mxgate.limits")
 
@@ -188,8 +189,7 @@ class FleetLimiter:
     async def close(self) -> None:
         """Stop renewing (the leases themselves are released by their connections as they close)."""
         if self._renewer is not None:
-            self._renewer.cancel()
-            await asyncio.gather(self._renewer, return_exceptions=True)
+            await cancel_and_wait([self._renewer])
 
     # -- message rate --------------------------------------------------------------------------------
 

@@ -20,10 +20,10 @@ from typing import Any
 from aiohttp import web
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
-from mxgate.smtpwire import MessageTooBig, read_data, simple_path
 from mxgate.sim.config import SimConfig
 from mxgate.sim.outputs import SinkLog, write_report
 from mxgate.sim.provider import Connection, Deferral, ProviderModel
+from mxgate.smtpwire import MessageTooBig, read_data, simple_path
 
 __all__ = ["ProviderSimulator", "SimSMTP"]
 

@@ -29,7 +29,7 @@ class HealthServer:
         app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_port=True)
+        site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
 
     @property

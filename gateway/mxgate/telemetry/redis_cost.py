@@ -46,7 +46,8 @@ def connect_redis(url: str) -> aioredis.Redis:
     global _registered
     if not _registered:
         otel_metrics.get_meter("mxgate").create_observable_counter(
-            "mxgate_redis_roundtrips", callbacks=[_observe], description="Requests sent to Redis (commands or pipelines)")
+            "mxgate_redis_roundtrips", callbacks=[_observe],
+            description="Requests sent to Redis (commands or pipelines)")
         _registered = True
     cls = CountingUnixConnection if url.startswith("unix://") else CountingConnection
     pool = aioredis.ConnectionPool.from_url(url, connection_class=cls, socket_timeout=5, socket_connect_timeout=2,
