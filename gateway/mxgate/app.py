@@ -201,7 +201,14 @@ class Gateway:
             self.server.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace / 2
-        while self.sessions and loop.time() < deadline:
+        # Sessions with a message on its way get up to half the grace to finish it; idle ones go now
+        # (their clients simply reconnect, to another pod).
+        while loop.time() < deadline:
+            for session in list(self.sessions):
+                if not session.in_transaction and session.transport is not None:
+                    session.say_goodbye()
+            if not self.sessions:
+                break
             await asyncio.sleep(0.05)
         for session in list(self.sessions):
             if session.transport is not None:

@@ -99,6 +99,25 @@ class IngressSMTP(SMTP):
             return "500 5.5.2 Error: bare <CR> or <LF> in command line (use <CR><LF>); closing connection"
         return await super().handle_exception(error)
 
+    def eof_received(self) -> bool:
+        # aiosmtpd stops serving on EOF but leaves the transport half open (until its idle timeout), so
+        # the session would never end: close it now.
+        super().eof_received()
+        return False
+
+    def say_goodbye(self) -> None:
+        """Shutdown of an idle session: RFC 5321 §3.8 lets a server send 421 at any time, then close."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(b"421 4.3.2 Service shutting down, try another server\r\n")
+            transport.close()
+
+    @property
+    def in_transaction(self) -> bool:
+        """A message is being submitted (MAIL given, not yet answered after DATA)."""
+        return self.envelope is not None and self.envelope.mail_from is not None
+
     # -- fast paths (see mxgate.smtpwire) ------------------------------------------------------------
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
