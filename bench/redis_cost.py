@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _procs import (  # noqa: E402  (the bench folder is not a package)
+from _procs import (
     LOOPBACK,
     ProcessManager,
     SmtpSink,
@@ -39,7 +39,7 @@ from _procs import (  # noqa: E402  (the bench folder is not a package)
     wait_for_http,
     wait_for_port,
 )
-from relay_bench import POLICY_YAML, mxgate_command  # noqa: E402
+from relay_bench import POLICY_YAML, mxgate_command
 
 _ROUNDTRIPS = re.compile(r"^mxgate_redis_roundtrips_total(?:\{[^}]*\})? ([0-9.e+]+)$", re.MULTILINE)
 

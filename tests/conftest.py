@@ -27,3 +27,11 @@ async def redis_client(redis_server: EmbeddedRedis) -> AsyncIterator[aioredis.Re
     await client.flushall()
     yield client
     await client.aclose()
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
+    # The gateway runs on uvloop (mxgate.cli), so the tests do too: its transports differ from asyncio's
+    # in ways that matter (they are not asyncio.WriteTransport subclasses, for one).
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}

@@ -30,3 +30,9 @@ def test_stdlib_operator_intact_with_repository_root_first_on_path() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("operator.py")
     assert str(ROOT) not in out.stdout
+
+
+async def test_async_tests_run_on_uvloop_like_the_gateway() -> None:
+    import asyncio
+
+    assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")

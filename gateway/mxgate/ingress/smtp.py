@@ -83,8 +83,10 @@ class IngressSMTP(SMTP):
     def _timeout_cb(self) -> None:
         # RFC 5321 §4.5.3.2: tell the client why before closing; aiosmtpd closes silently.
         transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
-            transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded, closing\r\n".encode())
+        # Duck-typed: uvloop's transports are not asyncio.WriteTransport subclasses.
+        if transport is not None and not transport.is_closing():
+            transport.write(  # type: ignore[attr-defined]
+                f"421 4.4.2 {self.hostname} Error: timeout exceeded, closing\r\n".encode())
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     # -- bare line endings in commands ---------------------------------------------------------------
@@ -109,8 +111,8 @@ class IngressSMTP(SMTP):
         """Shutdown of an idle session: RFC 5321 §3.8 lets a server send 421 at any time, then close."""
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(b"421 4.3.2 Service shutting down, try another server\r\n")
+            # Not asyncio.WriteTransport under uvloop, but a transport with write() all the same.
+            transport.write(b"421 4.3.2 Service shutting down, try another server\r\n")  # type: ignore[attr-defined]
             transport.close()
 
     @property

@@ -83,7 +83,6 @@ class SimSMTP(SMTP):
         if deferral is not None:
             # The refusal replaces the greeting; aiosmtpd never starts for this connection.
             self.refused_at_connect = True
-            assert isinstance(transport, asyncio.WriteTransport)
             transport.write(deferral.line.encode() + b"\r\n")
             transport.close()
             return
@@ -106,7 +105,6 @@ class SimSMTP(SMTP):
         transport = self.transport
         if self.refused_at_connect or transport is None or transport.is_closing():
             return
-        assert isinstance(transport, asyncio.WriteTransport)
         transport.write(self.model.shutdown(self.connection).line.encode() + b"\r\n")
         transport.close()
 
