@@ -49,11 +49,11 @@ class Match(_Model):
     """Which recipient domains belong to this provider."""
 
     domains: list[str] = Field(
-        default_factory=list,
+        default_factory=list, max_length=1000,
         description="Recipient domains of this provider; a domain also matches its subdomains.",
     )
     mx_hosts: list[str] = Field(
-        default_factory=list,
+        default_factory=list, max_length=100,
         description='Shell-style globs over MX host names, e.g. "*.protection.outlook.com": every domain '
         "whose primary MX matches rolls up to this provider.",
     )
@@ -84,7 +84,7 @@ class Match(_Model):
 class Route(_Model):
     """A static next hop instead of DNS MX."""
 
-    hosts: Annotated[list[str], Field(min_length=1)] = Field(
+    hosts: Annotated[list[str], Field(min_length=1, max_length=16)] = Field(
         description='Next hops as "host:port" (port defaults to 25), tried in order.'
     )
 
@@ -194,7 +194,7 @@ ResponseAction = Literal["TightenConnections", "TightenRate", "Suspend", "Bounce
 class ResponseRule(_Model):
     """What a remote reply means: rules are tried in order before the built-in classification."""
 
-    match: str = Field(description='Regex searched in "<code> <enhanced code> <text>", case-insensitive.')
+    match: str = Field(min_length=1, max_length=1024, description='Regex searched in "<code> <enhanced code> <text>", case-insensitive.')
     action: ResponseAction = Field(
         description="TightenConnections / TightenRate: a throttling signal for the controller; Suspend: no "
         "delivery to the provider for `duration`; Bounce: treat as a permanent failure; Retry: an "
@@ -226,7 +226,7 @@ class ProviderPolicySpec(_Model):
     retry: Retry = Field(default_factory=Retry, description="Retry schedule and maximum age of deferred mail.")
     adaptive: Adaptive = Field(default_factory=Adaptive, description="Automatic tightening and recovery.")
     responses: list[ResponseRule] = Field(
-        default_factory=list, description="Reply rules tried before the built-in ones (reference replies).")
+        default_factory=list, max_length=64, description="Reply rules tried before the built-in ones (reference replies).")
 
     @model_validator(mode="after")
     def _floor_below_ceiling(self) -> ProviderPolicySpec:

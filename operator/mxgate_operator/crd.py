@@ -1,0 +1,184 @@
+"""The ProviderPolicy CustomResourceDefinition, generated from the one policy model.
+
+``python -m mxgate_operator.crd > crds/providerpolicies.mxgate.io.yaml`` writes it; a test checks the
+committed file (and the Helm chart's copy) is exactly what this module generates, so the CRD, the
+validator (``mxgate policy validate``), the gateway and the operator never disagree about a field.
+
+The spec schema is pydantic's JSON schema turned into a Kubernetes structural schema: references
+inlined, ``Optional`` fields made plain optional properties, ``exclusiveMinimum`` in OpenAPI v3.0 form,
+titles dropped, every property given a description (``kubectl explain`` teaches from them), object
+fields defaulted to ``{}`` so their own defaults apply. Checks that span fields are CEL rules
+(``x-kubernetes-validations``); checks the model makes in Python that CEL cannot (regular expressions
+that must compile) are reported by the operator as the ``Ready=False / InvalidSpec`` condition.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Any
+
+import yaml
+
+from mxgate.policy import ProviderPolicySpec
+
+GROUP = "mxgate.io"
+VERSION = "v1alpha1"
+PLURAL = "providerpolicies"
+KIND = "ProviderPolicy"
+
+_DURATION = r"^(\d+(\.\d+)?)(ms|s|m|h|d)$"
+
+# Cross-field rules, evaluated by the API server on every create and update (defaults applied first).
+SPEC_RULES = [
+    {"rule": "self.adaptive.floor.connections <= self.limits.maxConnections",
+     "fieldPath": ".adaptive.floor.connections",
+     "message": "adaptive.floor.connections must not exceed limits.maxConnections"},
+    {"rule": "!has(self.limits.messagesPerSecond) || "
+             "self.adaptive.floor.messagesPerSecond <= self.limits.messagesPerSecond",
+     "fieldPath": ".adaptive.floor.messagesPerSecond",
+     "message": "adaptive.floor.messagesPerSecond must not exceed limits.messagesPerSecond"},
+    {"rule": "!has(self.responses) || self.responses.all(r, (r.action == 'Suspend') == has(r.duration))",
+     "fieldPath": ".responses",
+     "message": "responses[].duration is required for action Suspend and only allowed there"},
+]
+
+
+def _spec_schema() -> dict[str, Any]:
+    raw = ProviderPolicySpec.model_json_schema(by_alias=True)
+    defs = raw.pop("$defs", {})
+    return _structural(raw, defs)
+
+
+def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    node = copy.deepcopy(node)
+    description = node.get("description")
+    default = node.get("default", ...)
+    if "$ref" in node:
+        target = _structural(defs[node["$ref"].rsplit("/", 1)[1]], defs)
+        node = {**target, **{k: v for k, v in node.items() if k not in ("$ref", "title")}}
+    if "anyOf" in node:
+        options = [o for o in node["anyOf"] if o.get("type") != "null"]
+        if len(options) != 1:
+            raise ValueError(f"cannot express {node['anyOf']} in a structural schema")
+        inner = _structural(options[0], defs)
+        node = {**inner, **{k: v for k, v in node.items() if k not in ("anyOf", "title")}}
+    node.pop("title", None)
+    node.pop("additionalProperties", None)   # structural schemas prune unknown fields instead
+    if default is None or node.get("default", ...) is None:
+        node.pop("default", None)            # "unset" is the absence of the field
+    if "exclusiveMinimum" in node and not isinstance(node["exclusiveMinimum"], bool):
+        node["minimum"] = node.pop("exclusiveMinimum")
+        node["exclusiveMinimum"] = True
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    if description:
+        node["description"] = description
+    if node.get("type") == "object" and "properties" in node:
+        node["properties"] = {name: _structural(prop, defs) for name, prop in node["properties"].items()}
+        for name, prop in node["properties"].items():
+            if prop.get("type") == "object" and "default" not in prop and name not in node.get("required", []):
+                prop["default"] = {}
+    if node.get("type") == "array" and "items" in node:
+        node["items"] = _structural(node["items"], defs)
+    return node
+
+
+STATUS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "What the operator observes and has put in force; written by the operator only.",
+    "properties": {
+        "observedGeneration": {"type": "integer", "description": "The spec generation this status is about."},
+        "state": {"type": "string", "description": "Ready, Throttled (live limits under the ceiling), Suspended "
+                  "or Invalid."},
+        "effective": {"type": "object", "description": "The live limits in force now.", "properties": {
+            "maxConnections": {"type": "integer", "description": "Connections fleet-wide now."},
+            "messagesPerSecond": {"type": "number", "description": "Message rate fleet-wide now (absent: none)."},
+            "suspendedUntil": {"type": "string", "format": "date-time",
+                               "description": "No deliveries before this time."},
+        }},
+        "observed": {"type": "object", "description": "Traffic in the last evaluation window, fleet-wide.",
+                     "properties": {
+                         "attemptsPerMinute": {"type": "number", "description": "Delivery attempts per minute."},
+                         "deliveriesPerMinute": {"type": "number", "description": "Recipients delivered per minute."},
+                         "deferralPercent": {"type": "number",
+                                             "description": "Deferred recipients as a percentage of outcomes."},
+                         "queued": {"type": "integer", "description": "Jobs in the provider's queue."},
+                     }},
+        "deferralPercent": {"type": "string", "description": "Deferral percentage, formatted for kubectl."},
+        "lastAdjustment": {"type": "object", "description": "The last change the controller made.", "properties": {
+            "time": {"type": "string", "format": "date-time", "description": "When."},
+            "signal": {"type": "string", "description": "connections, rate or recovery."},
+            "limit": {"type": "string", "description": "Which limit: connections or rate."},
+            "from": {"type": "string", "description": "The value before."},
+            "to": {"type": "string", "description": "The value after."},
+            "reason": {"type": "string", "description": "The evidence, e.g. the deferral counts."},
+        }},
+        "conditions": {"type": "array", "description": "Ready, Throttled and Suspended, as Kubernetes conditions.",
+                       "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"],
+                       "items": {"type": "object", "required": ["type", "status"], "properties": {
+                           "type": {"type": "string", "description": "Ready, Throttled or Suspended."},
+                           "status": {"type": "string", "enum": ["True", "False", "Unknown"],
+                                      "description": "Whether the condition holds."},
+                           "reason": {"type": "string", "description": "One word, CamelCase."},
+                           "message": {"type": "string", "description": "For people."},
+                           "lastTransitionTime": {"type": "string", "format": "date-time",
+                                                  "description": "When the status last changed."},
+                           "observedGeneration": {"type": "integer",
+                                                  "description": "The spec generation it was computed for."},
+                       }}},
+    },
+}
+
+
+def crd() -> dict[str, Any]:
+    spec = _spec_schema()
+    spec["x-kubernetes-validations"] = SPEC_RULES
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {"plural": PLURAL, "singular": "providerpolicy", "kind": KIND, "shortNames": ["pp"],
+                      "categories": ["mxgate"]},
+            "versions": [{
+                "name": VERSION, "served": True, "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": [
+                    {"name": "Conns", "type": "integer", "jsonPath": ".status.effective.maxConnections",
+                     "description": "Connections in force now"},
+                    {"name": "Max", "type": "integer", "jsonPath": ".spec.limits.maxConnections",
+                     "description": "Connection ceiling"},
+                    {"name": "Rate", "type": "number", "jsonPath": ".status.effective.messagesPerSecond",
+                     "description": "Messages per second in force now"},
+                    {"name": "Defer%", "type": "string", "jsonPath": ".status.deferralPercent",
+                     "description": "Deferred share of outcomes in the last window"},
+                    {"name": "State", "type": "string", "jsonPath": ".status.state"},
+                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                ],
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "description": "Which recipient domains form one mailbox provider, and the connection and rate "
+                                   "limits the whole mxgate fleet keeps towards it.",
+                    "properties": {
+                        "apiVersion": {"type": "string", "description": "mxgate.io/v1alpha1"},
+                        "kind": {"type": "string", "description": "ProviderPolicy"},
+                        "metadata": {"type": "object"},
+                        "spec": spec,
+                        "status": STATUS_SCHEMA,
+                    },
+                }},
+            }],
+        },
+    }
+
+
+def render() -> str:
+    header = "# Generated by `python -m mxgate_operator.crd` from mxgate.policy: edit the model, not this file.\n"
+    return header + yaml.safe_dump(crd(), sort_keys=False, width=110)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())
