@@ -194,7 +194,8 @@ ResponseAction = Literal["TightenConnections", "TightenRate", "Suspend", "Bounce
 class ResponseRule(_Model):
     """What a remote reply means: rules are tried in order before the built-in classification."""
 
-    match: str = Field(min_length=1, max_length=1024, description='Regex searched in "<code> <enhanced code> <text>", case-insensitive.')
+    match: str = Field(min_length=1, max_length=1024,
+                       description='Regex searched in "<code> <enhanced code> <text>", case-insensitive.')
     action: ResponseAction = Field(
         description="TightenConnections / TightenRate: a throttling signal for the controller; Suspend: no "
         "delivery to the provider for `duration`; Bounce: treat as a permanent failure; Retry: an "
@@ -226,7 +227,8 @@ class ProviderPolicySpec(_Model):
     retry: Retry = Field(default_factory=Retry, description="Retry schedule and maximum age of deferred mail.")
     adaptive: Adaptive = Field(default_factory=Adaptive, description="Automatic tightening and recovery.")
     responses: list[ResponseRule] = Field(
-        default_factory=list, max_length=64, description="Reply rules tried before the built-in ones (reference replies).")
+        default_factory=list, max_length=64,
+        description="Reply rules tried before the built-in ones (reference replies).")
 
     @model_validator(mode="after")
     def _floor_below_ceiling(self) -> ProviderPolicySpec:
