@@ -43,14 +43,24 @@ async def start_fleet(procs: Processes, redis: EmbeddedRedis, tmp_path: Path, *,
     controller = procs.mxgate("controller", "controller", "--redis-url", redis.url, "--policies", str(policies))
     fleet = []
     for i in range(gateways):
-        port, metrics = free_port(), free_port()
-        gw = procs.mxgate(f"gateway{i}", "gateway", "--redis-url", redis.url, "--listen", f"127.0.0.1:{port}",
-                          "--metrics-listen", f"127.0.0.1:{metrics}", "--hostname", f"gw{i}.test", *extra)
-        fleet.append((gw, port, metrics))
-    for gw, _, metrics in fleet:
+        gw, metrics = start_gateway(procs, redis, f"gateway{i}", extra)
+        fleet.append((gw, metrics))
+    for gw, metrics in fleet:
         await gw.wait_ready(metrics, timeout=60)
     assert controller.returncode is None, controller.log_tail()
-    return [(gw, port) for gw, port, _ in fleet]
+    return [(gw, _smtp_port(gw)) for gw, _ in fleet]
+
+
+def _smtp_port(gateway: MxgateProcess) -> int:
+    return int(gateway.argv[gateway.argv.index("--listen") + 1].rsplit(":", 1)[1])
+
+
+def start_gateway(procs: Processes, redis: EmbeddedRedis, name: str, extra: tuple[str, ...] = ()
+                  ) -> tuple[MxgateProcess, int]:
+    port, metrics = free_port(), free_port()
+    gateway = procs.mxgate(name, "gateway", "--redis-url", redis.url, "--listen", f"127.0.0.1:{port}",
+                           "--metrics-listen", f"127.0.0.1:{metrics}", "--hostname", f"{name}.test", *extra)
+    return gateway, metrics
 
 
 async def send(ports: list[int], count: int, *, concurrency: int = 20, tag: str = "m") -> int:
@@ -102,24 +112,41 @@ async def test_four_gateways_keep_within_five_connections(procs: Processes, fres
 
 async def test_kill_9_of_a_lease_holder_the_fleet_regains_full_concurrency(
         procs: Processes, fresh_redis: EmbeddedRedis, tmp_path: Path) -> None:
-    # A slow provider keeps connections busy, so every lease is held when one gateway dies.
+    # A slow provider keeps connections busy. Gateway A starts alone and takes all four connection leases;
+    # gateway B joins and waits for leases; then A is killed with every lease held.
     async with ProviderSimulator(SimConfig(profile="outlook", max_connections=4, latency=0.05)) as slow:
-        fleet = await start_fleet(procs, fresh_redis, tmp_path, gateways=2, route=[f"127.0.0.1:{slow.port}"],
-                                  maxConnections=4, maxMessagesPerConnection=10_000, extra=("--visibility", "5"))
-        sender = asyncio.create_task(send([port for _, port in fleet], 1500))
-        await wait_accepted(slow, 100, timeout=60)
-        victim = fleet[0][0]
-        victim.kill_group()              # kill -9 while it holds leases and claimed jobs
+        extra = ("--visibility", "5", "--connection-lease", "10")
+        [(victim, port_a)] = await start_fleet(procs, fresh_redis, tmp_path, gateways=1,
+                                               route=[f"127.0.0.1:{slow.port}"], maxConnections=4,
+                                               maxMessagesPerConnection=10_000, extra=extra)
+        sender = asyncio.create_task(send([port_a], 3000))
+        while slow.report()["connections"]["open"] < 4:
+            await asyncio.sleep(0.05)
+        survivor, metrics_b = start_gateway(procs, fresh_redis, "gateway-b", extra)
+        await survivor.wait_ready(metrics_b, timeout=60)
+        await asyncio.sleep(1.0)         # B's dispatcher has claimed jobs and queued for leases
+        assert slow.report()["connections"]["open"] == 4
+        victim.kill_group()              # kill -9 while it holds all leases and claimed jobs
         killed_at = time.monotonic()
         assert victim.returncode == -signal.SIGKILL
-        # The survivor gets the dead pod's connection slots back within the lease length (30 s) ...
+        # Its sockets close with it ...
+        while slow.report()["connections"]["open"] > 0 and time.monotonic() - killed_at < 10:
+            await asyncio.sleep(0.05)
+        assert slow.report()["connections"]["open"] == 0
+        # ... but its leases stay in Redis until they expire: B gets all four slots back within the lease
+        # length (10 s here), and not before the first of them could have expired.
         regained = None
-        while time.monotonic() - killed_at < 40:
+        while time.monotonic() - killed_at < 10 + 15:
             if slow.report()["connections"]["open"] == 4:
                 regained = time.monotonic() - killed_at
                 break
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.1)
         assert regained is not None, slow.report()["connections"]
+        print(f"full concurrency regained {regained:.1f} s after kill -9 (lease length 10 s)")
+        # Leases are renewed every third of their length, so the dead pod's last renewal was at most
+        # 3.3 s before the kill: no slot may come back earlier than that leaves (else a lease expired early).
+        assert regained >= 10 * 2 / 3 - 0.5
+        assert survivor.returncode is None
         # ... and never goes over the limit meanwhile.
         assert slow.report()["connections"]["max_concurrency"] <= 4
         assert slow.report()["deferrals"]["connections"] == 0

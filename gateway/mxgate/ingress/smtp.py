@@ -101,12 +101,6 @@ class IngressSMTP(SMTP):
             return "500 5.5.2 Error: bare <CR> or <LF> in command line (use <CR><LF>); closing connection"
         return await super().handle_exception(error)
 
-    def eof_received(self) -> bool:
-        # aiosmtpd stops serving on EOF but leaves the transport half open (until its idle timeout), so
-        # the session would never end: close it now.
-        super().eof_received()
-        return False
-
     def say_goodbye(self) -> None:
         """Shutdown of an idle session: RFC 5321 §3.8 lets a server send 421 at any time, then close."""
         transport = self.transport
