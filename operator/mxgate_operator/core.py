@@ -12,7 +12,10 @@ Signals, per window, as fractions of recipient outcomes (delivered + failed + de
   evidence says how far), never below a quarter of ``r`` at once (a quiet window is weak evidence),
   floored. A provider without a rate ceiling gets a rate limit from its first rate signal on.
 - neither, with traffic: one more calm window. After ``calmWindows`` calm windows a limit goes up by
-  ``increaseStep`` (additive increase), never above the policy's ceiling.
+  ``increaseStep`` (additive increase), never above the policy's ceiling, and only if the window used
+  it: the connections in use reached the limit, or the goodput reached 80 % of the rate (a limit the
+  traffic never touched says nothing about the provider; raising it would only arm a later burst, as
+  TCP's congestion-window validation, RFC 7661, avoids too).
 
 Damping (why it does not oscillate wildly on noise):
 
@@ -36,6 +39,7 @@ from mxgate.policy import Adaptive, Limits, parse_duration
 
 MAX_STRIKES = 6
 MIN_RATE_CUT = 0.25   # one window never cuts the rate below a quarter
+RATE_USED = 0.8       # goodput at this share of the rate limit counts as "the limit was in use"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,7 @@ class Window:
     deferred_reputation: int = 0
     deferred_other: int = 0
     connection_errors: int = 0
+    peak_connections: int | None = None   # most connection leases held at once; None: not measured
 
     @property
     def deferred(self) -> int:
@@ -61,11 +66,17 @@ class Window:
         return self.delivered + self.failed + self.deferred
 
     @classmethod
-    def of(cls, seconds: float, counts: dict[str, int]) -> Window:
+    def of(cls, seconds: float, counts: dict[str, int], *, peak_connections: int | None = None) -> Window:
         fields = {k: int(counts.get(k, 0)) for k in (
             "attempts", "delivered", "failed", "deferred_connections", "deferred_rate", "deferred_reputation",
             "deferred_other", "connection_errors")}
-        return cls(seconds=seconds, **fields)
+        return cls(seconds=seconds, peak_connections=peak_connections, **fields)
+
+    def uses_connections(self, limit: int) -> bool:
+        return self.peak_connections is None or self.peak_connections >= limit
+
+    def uses_rate(self, rate: float) -> bool:
+        return self.seconds <= 0 or self.delivered / self.seconds >= RATE_USED * rate
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,11 +163,12 @@ def decide(adaptive: Adaptive, ceiling: Limits, state: ControlState, window: Win
     state = new
     moves = []
     conn_next = min(ceiling.max_connections, state.connections + adaptive.increase_step.connections)
-    if conn_next > state.connections and calm >= _needed(adaptive, state.connections_bad, conn_next,
-                                                         state.connection_strikes):
+    if (conn_next > state.connections and window.uses_connections(state.connections)
+            and calm >= _needed(adaptive, state.connections_bad, conn_next, state.connection_strikes)):
         new = replace(new, connections=conn_next)
         moves.append(Adjustment("recovery", "connections", state.connections, conn_next))
-    if state.rate is not None and (ceiling.messages_per_second is None or state.rate < ceiling.messages_per_second):
+    if (state.rate is not None and window.uses_rate(state.rate)
+            and (ceiling.messages_per_second is None or state.rate < ceiling.messages_per_second)):
         rate_next = state.rate + adaptive.increase_step.messages_per_second
         if ceiling.messages_per_second is not None:
             rate_next = min(rate_next, ceiling.messages_per_second)

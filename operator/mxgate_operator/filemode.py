@@ -3,6 +3,7 @@
 Loads ProviderPolicy files from a directory into Redis and keeps them there: the directory is checked
 every ``poll_interval`` seconds and republished when a file changes. A broken file is reported and the
 last good table stays in force (at start-up a broken file is an error: nothing good exists yet).
+It also runs the adaptive loop (``adaptive.py``): live limits tighten on deferrals and recover.
 The table is also republished periodically, so a Redis that lost its data (or a flushed test Redis)
 gets it back without a restart.
 """
@@ -17,7 +18,10 @@ import redis.asyncio as aioredis
 
 from mxgate.errors import PolicyError
 from mxgate.policy import ProviderPolicy, load_policy_dir
+from mxgate_operator.adaptive import AdaptiveLoop
 from mxgate_operator.publish import publish_policies
+
+ADAPTIVE_TICK = 1.0  # seconds between checks for elapsed evaluation windows
 
 log = logging.getLogger("mxgate.controller")
 
@@ -43,6 +47,7 @@ class FileController:
         self.republish_interval = republish_interval
         self.policies: list[ProviderPolicy] = load_policy_dir(directory)  # errors surface at start-up
         self._seen = _snapshot(directory)
+        self.adaptive = AdaptiveLoop(redis, lambda: {p.name: p for p in self.policies})
 
     async def publish(self) -> str:
         revision = await publish_policies(self.redis, self.policies, writer="mxgate-controller")
@@ -52,21 +57,32 @@ class FileController:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         next_publish = 0.0
+        next_poll = 0.0
         while True:
-            seen = _snapshot(self.directory)
-            changed = seen != self._seen
-            if changed:
-                self._seen = seen
-                try:
-                    self.policies = load_policy_dir(self.directory)
-                except PolicyError as exc:
-                    log.error("policy files not reloaded, keeping the last good ones: %s", exc)
-                    changed = False
-            if changed or loop.time() >= next_publish:
-                try:
-                    await self.publish()
-                    next_publish = loop.time() + self.republish_interval
-                except (aioredis.RedisError, OSError) as exc:
-                    log.warning("cannot publish policies: %s", exc)
-                    next_publish = loop.time() + self.poll_interval
-            await asyncio.sleep(self.poll_interval)
+            if loop.time() >= next_poll:
+                next_poll = loop.time() + self.poll_interval
+                next_publish = await self._poll_files(next_publish)
+            try:
+                await self.adaptive.tick()
+            except (aioredis.RedisError, OSError) as exc:
+                log.warning("adaptive loop: %s", exc)
+            await asyncio.sleep(ADAPTIVE_TICK)
+
+    async def _poll_files(self, next_publish: float) -> float:
+        loop = asyncio.get_running_loop()
+        seen = _snapshot(self.directory)
+        changed = seen != self._seen
+        if changed:
+            self._seen = seen
+            try:
+                self.policies = load_policy_dir(self.directory)
+            except PolicyError as exc:
+                log.error("policy files not reloaded, keeping the last good ones: %s", exc)
+                changed = False
+        if changed or loop.time() >= next_publish:
+            try:
+                await self.publish()
+                return loop.time() + self.republish_interval
+            except (aioredis.RedisError, OSError) as exc:
+                log.warning("cannot publish policies: %s", exc)
+        return next_publish

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -47,9 +48,10 @@ def test_decisions(state: ControlState, window: Window, connections: int, rate: 
 
 def test_recovery_is_gradual_and_capped_at_the_ceiling() -> None:
     state = ControlState(18, 190.0)
-    calm = w(delivered=100)
     seen = []
     for _ in range(12):
+        # traffic that uses the limits: every allowed connection open, goodput at the rate
+        calm = Window(seconds=5.0, delivered=int((state.rate or 0) * 5), peak_connections=state.connections)
         decision = decide(ADAPTIVE, CEILING, state, calm, now=0.0)
         state = decision.state
         seen.append((state.connections, state.rate))
@@ -58,10 +60,18 @@ def test_recovery_is_gradual_and_capped_at_the_ceiling() -> None:
     assert seen[-1] == (20, 200.0)
 
 
+def test_limits_the_traffic_does_not_use_are_not_raised() -> None:
+    state = ControlState(5, 50.0)
+    idle_ish = Window(seconds=5.0, delivered=50, peak_connections=2)   # 10/s on 2 of 5 connections
+    for _ in range(20):
+        state = decide(ADAPTIVE, CEILING, state, idle_ish, now=0.0).state
+    assert (state.connections, state.rate) == (5, 50.0)
+
+
 def test_probing_a_level_that_drew_deferrals_gets_exponentially_rarer() -> None:
     state = ControlState(6, 200.0)
     overload = w(delivered=90, deferred_connections=10)
-    calm = w(delivered=100)
+    calm = w(delivered=1000)
     raises_to_6 = []
     for window_no in range(400):
         window = overload if state.connections >= 6 else calm
@@ -107,7 +117,8 @@ def simulate(*, windows: int, provider_connections: int, provider_rate: float, p
         accepted = min(offered, provider_rate)
         window = Window(seconds=5.0, attempts=int(send * 5), delivered=int(accepted * 5),
                         deferred_rate=int((offered - accepted) * 5),
-                        deferred_connections=3 * max(0, c - provider_connections))
+                        deferred_connections=3 * max(0, c - provider_connections),
+                        peak_connections=c if send >= c * per_connection else math.ceil(send / per_connection))
         history.append((state, window))
         state = decide(ADAPTIVE, CEILING, state, window, now=0.0).state
     return history
@@ -133,7 +144,8 @@ def test_closed_loop_finds_a_limit_that_moved_up_again() -> None:
     for _ in range(400):
         c = state.connections
         send = min(500.0, c * 20.0, state.rate or float("inf"))
-        state = decide(ADAPTIVE, CEILING, state, Window(seconds=5.0, delivered=int(send * 5)), now=0.0).state
+        window = Window(seconds=5.0, delivered=int(send * 5), peak_connections=c)
+        state = decide(ADAPTIVE, CEILING, state, window, now=0.0).state
     assert state.connections == 20 and state.rate == 200.0
 
 

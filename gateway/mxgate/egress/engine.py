@@ -137,6 +137,7 @@ class ProviderDispatcher:
         self.done = False
         self.connection_backoff = 0.0       # local reflex state, see _reflex
         self.no_new_connections_until = 0.0
+        self.reflex_cap = 0
         self.rate_backoff = 0.0
         self.paused_until = 0.0
         self._poke = asyncio.Event()
@@ -268,7 +269,7 @@ class ProviderDispatcher:
     def _spawn_connections(self) -> None:
         limit = self.limits.max_connections
         if time.monotonic() < self.no_new_connections_until:
-            return
+            limit = min(limit, self.reflex_cap)   # local reflex: replace working connections, add none
         if self.engine.book.suspended_until_ms(self.provider) > time.time() * 1000:
             return
         for hops, queue in self.pending.items():
@@ -368,16 +369,25 @@ class ProviderDispatcher:
     # -- local reflex --------------------------------------------------------------------------------
 
     def _reflex(self, deferral: DeferralClass | None, *, delivered: bool = False) -> None:
-        """This pod's immediate reaction to a throttling reply, before the controller cuts fleet limits:
-        a connection-limit reply stops new connections for a while (doubling up to 30 s); a rate or
-        reputation reply pauses this pod's sending to the provider (doubling up to 30 s)."""
+        """This pod's immediate reaction to a throttling reply, before the controller cuts fleet limits.
+
+        A connection-limit reply: the refused connection closes, and for a while (1 s, doubling up to
+        30 s) this pod keeps at most the connections that still work: it may replace them but not add
+        more. A rate or reputation reply pauses this pod's sending to the provider (0.5 s, doubling up
+        to 30 s). A burst of refusals doubles the backoff once, not once per refusal; a delivery resets it.
+        """
         now = time.monotonic()
         if deferral is DeferralClass.CONNECTIONS:
-            self.connection_backoff = min(30.0, max(1.0, self.connection_backoff * 2))
+            if now >= self.no_new_connections_until:
+                self.connection_backoff = min(30.0, max(1.0, self.connection_backoff * 2))
+                self.reflex_cap = max(1, self.open_connections() - 1)
+            else:
+                self.reflex_cap = max(1, min(self.reflex_cap, self.open_connections() - 1))
             self.no_new_connections_until = now + self.connection_backoff
             self.engine.metrics.reflex(self.provider, "connections")
         elif deferral in (DeferralClass.RATE, DeferralClass.REPUTATION):
-            self.rate_backoff = min(30.0, max(0.5, self.rate_backoff * 2))
+            if now >= self.paused_until:
+                self.rate_backoff = min(30.0, max(0.5, self.rate_backoff * 2))
             self.paused_until = now + self.rate_backoff
             self.engine.metrics.reflex(self.provider, "rate")
         elif delivered:

@@ -1,0 +1,140 @@
+"""The adaptive loop: telemetry from Redis -> controller core -> live limits in Redis.
+
+Used by ``mxgate controller`` (file mode), ``mxgate dev`` and the Kubernetes operator alike. Every
+``evaluationWindow`` of a policy, the loop reads the fleet's telemetry for the last window, runs
+``core.decide`` and, when anything changed, writes the new live limits and the controller's state to
+``mxg:{p:<provider>}:limits`` (one hash: the gateways read the limits, the loop its state) and
+announces them; every change is also appended to ``mxg:{p:<provider>}:adjustments`` (last 200), which
+``mxgate status`` and the demonstration's plot read.
+
+Each tick (once a second) also samples how many connection leases each provider has: the most held at
+once during a window tells the core whether the fleet used its connection limit (a limit nobody used is
+never raised).
+
+The window read is shifted two seconds into the past: gateways flush each second's counters about a
+second after it ends, so the newest complete second is ``now - 2``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+
+import redis.asyncio as aioredis
+
+from mxgate import keys
+from mxgate.limits.effective import Effective
+from mxgate.policy import DEFAULT_POLICY_NAME, ProviderPolicy
+from mxgate.telemetry.fleet import read_window
+from mxgate_operator.core import ControlState, Decision, Window, decide, window_seconds
+
+log = logging.getLogger("mxgate.adaptive")
+
+FLUSH_LAG = 2           # seconds: the newest complete telemetry second is now - FLUSH_LAG
+ADJUSTMENTS_KEPT = 200
+
+
+def adjustments_key(provider: str) -> str:
+    return f"{keys.provider_tag(provider)}:adjustments"
+
+
+def _state_from_redis(raw: Mapping[bytes, bytes], policy: ProviderPolicy) -> ControlState:
+    ceiling = policy.spec.limits
+    if not raw:
+        return ControlState.at_ceiling(ceiling)
+    effective = Effective.from_redis(raw, ceiling)
+
+    def number(name: str) -> float | None:
+        value = raw.get(name.encode())
+        return float(value) if value not in (None, b"") else None
+
+    bad_conns = number("connectionsBad")
+    return ControlState(
+        connections=effective.max_connections, rate=effective.messages_per_second,
+        calm=int(number("calm") or 0),
+        connections_bad=int(bad_conns) if bad_conns is not None else None, rate_bad=number("rateBad"),
+        connection_strikes=int(number("connectionStrikes") or 0), rate_strikes=int(number("rateStrikes") or 0),
+        suspended_until=effective.suspended_until_ms / 1000)
+
+
+def _state_to_redis(state: ControlState, reason: str) -> dict[str, str]:
+    effective = Effective(state.connections, state.rate, int(state.suspended_until * 1000), reason)
+    return {**effective.to_redis(), "calm": str(state.calm),
+            "connectionsBad": "" if state.connections_bad is None else str(state.connections_bad),
+            "rateBad": "" if state.rate_bad is None else f"{state.rate_bad:g}",
+            "connectionStrikes": str(state.connection_strikes), "rateStrikes": str(state.rate_strikes)}
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    provider: str
+    at: float
+    window: Window
+    decision: Decision
+
+
+class AdaptiveLoop:
+    def __init__(self, redis: aioredis.Redis, policies: Callable[[], Mapping[str, ProviderPolicy]], *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.redis = redis
+        self.policies = policies
+        self.clock = clock
+        self._next: dict[str, float] = {}
+        self._peak: dict[str, int] = {}
+
+    async def _sample_leases(self, providers: list[str], now: float) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for provider in providers:
+            pipe.zcount(keys.leases(provider), int(now * 1000), "+inf")
+        for provider, held in zip(providers, await pipe.execute(), strict=True):
+            self._peak[provider] = max(self._peak.get(provider, 0), int(held))
+
+    async def tick(self) -> list[Evaluation]:
+        """Evaluate every provider whose window has elapsed; returns what was evaluated."""
+        now = self.clock()
+        done = []
+        policies = {n: p for n, p in self.policies().items() if n != DEFAULT_POLICY_NAME}
+        if policies:
+            await self._sample_leases(list(policies), now)
+        for name, policy in policies.items():
+            window = window_seconds(policy.spec.adaptive)
+            due = self._next.get(name)
+            if due is None:
+                self._next[name] = now + window   # first window: collect evidence first
+                continue
+            if now < due:
+                continue
+            self._next[name] = due + window if due + window > now else now + window
+            done.append(await self.evaluate(name, policy, now=now, seconds=window))
+        return done
+
+    async def evaluate(self, provider: str, policy: ProviderPolicy, *, now: float, seconds: float) -> Evaluation:
+        end = int(now) - FLUSH_LAG + 1
+        start = end - max(1, round(seconds))
+        counts = (await read_window(self.redis, [provider], start=start, end=end))[provider]
+        window = Window.of(float(end - start), counts, peak_connections=self._peak.pop(provider, None))
+        raw = await self.redis.hgetall(keys.limits(provider))
+        state = _state_from_redis(raw, policy)
+        decision = decide(policy.spec.adaptive, policy.spec.limits, state, window, now=now)
+        log.debug("evaluated %s conns=%s -> %s: %s", window, state.connections, decision.state.connections,
+                  decision.reason)
+        if decision.state != state or not raw:
+            await self._write(provider, decision, now=now)
+        return Evaluation(provider, now, window, decision)
+
+    async def _write(self, provider: str, decision: Decision, *, now: float) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(keys.limits(provider), mapping=_state_to_redis(decision.state, decision.reason))
+        for move in decision.adjustments:
+            entry = {"time": now, **asdict(move), "reason": decision.reason}
+            pipe.lpush(adjustments_key(provider), json.dumps(entry))
+            log.info("limit %s", "tightened" if move.signal != "recovery" else "relaxed",
+                     extra={"provider": provider, "limit": move.limit, "from": move.old, "to": move.new,
+                            "signal": move.signal, "reason": decision.reason})
+        pipe.ltrim(adjustments_key(provider), 0, ADJUSTMENTS_KEPT - 1)
+        if decision.adjustments:
+            pipe.publish(keys.EVENTS, f"{keys.EVENT_LIMITS} {provider}")
+        await pipe.execute()
