@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import Any
 
 # A dot-atom local part and a host name: what nearly every MTA sends. UTF-8 (SMTPUTF8) falls back too.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -30,6 +31,36 @@ def simple_path(arg: str) -> tuple[str, str] | None:
     if match is None:
         return None
     return match.group(1) or "<>", arg[match.end():].lstrip()
+
+
+class FastPathsMixin:
+    """For aiosmtpd ``SMTP`` subclasses (ingress, the simulator): the fast address and DATA paths.
+
+    The subclass keeps its own ``smtp_DATA`` (what to do with a message differs) and starts it with
+    ``content = await self.receive_data(arg)``; None means the client has been answered already.
+    """
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        simple = None if self.local_part_limit else simple_path(arg)  # type: ignore[attr-defined]
+        return simple if simple is not None else super()._getaddr(arg)  # type: ignore[misc]
+
+    async def receive_data(self, arg: str | None) -> bytes | None:
+        smtp: Any = self
+        if await smtp.check_helo_needed() or await smtp.check_auth_needed("DATA"):
+            return None
+        if not smtp.envelope.rcpt_tos:
+            await smtp.push("503 5.5.1 Error: need RCPT command")
+            return None
+        if arg:
+            await smtp.push("501 5.5.4 Syntax: DATA")
+            return None
+        await smtp.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            return await read_data(smtp._reader, size_limit=smtp.data_size_limit, line_limit=smtp.line_length_limit)
+        except MessageTooBig:
+            smtp._set_post_data_state()
+            await smtp.push("552 5.3.4 Error: message size exceeds fixed maximum message size")
+            return None
 
 
 class MessageTooBig(Exception):

@@ -230,7 +230,7 @@ async def test_a_message_over_the_size_limit_is_drained_and_refused(started: Any
         body = b"Subject: size\r\n\r\n" + line * (8000 // len(line) + 1 if attempt == "too big" else 1)
         client.writer.write(body + b".\r\n")
         reply = await client.reply()
-        assert reply == ("552 5.3.4 Error: message too big" if attempt == "too big"
+        assert reply == ("552 5.3.4 Error: message size exceeds fixed maximum message size" if attempt == "too big"
                          else "250 2.0.0 Ok: queued as S1")
     await client.close()
     assert sim.report()["accepted"]["messages"] == 1

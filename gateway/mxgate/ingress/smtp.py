@@ -27,7 +27,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, syntax
 
 from mxgate.ingress.auth import Authenticator
-from mxgate.smtpwire import MessageTooBig, has_line_longer_than, read_data, simple_path
+from mxgate.smtpwire import FastPathsMixin, has_line_longer_than
 
 MAX_LINE = 998  # octets per line without CRLF (RFC 5322 §2.1.1)
 
@@ -57,7 +57,7 @@ class StrictStreamReader(asyncio.StreamReader):
 _PENDING = object()
 
 
-class IngressSMTP(SMTP):
+class IngressSMTP(FastPathsMixin, SMTP):
     def __init__(self, handler: Any, *, authenticator: Authenticator | None, **kwargs: Any) -> None:
         super().__init__(handler, authenticator=self._collect if authenticator else None, **kwargs)
         self.mx_authenticator = authenticator
@@ -116,30 +116,13 @@ class IngressSMTP(SMTP):
 
     # -- fast paths (see mxgate.smtpwire) ------------------------------------------------------------
 
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        simple = None if self.local_part_limit else simple_path(arg)
-        return simple if simple is not None else super()._getaddr(arg)
-
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
-        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+        content = await self.receive_data(arg)
+        if content is None:
             return
         envelope = self.envelope
         assert envelope is not None
-        if not envelope.rcpt_tos:
-            await self.push("503 5.5.1 Error: need RCPT command")
-            return
-        if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
-            return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        try:
-            content = await read_data(self._reader, size_limit=self.data_size_limit,
-                                      line_limit=self.line_length_limit)
-        except MessageTooBig:
-            self._set_post_data_state()
-            await self.push("552 5.3.4 Error: message size exceeds fixed maximum message size")
-            return
         if has_line_longer_than(content, MAX_LINE):
             self._set_post_data_state()
             await self.push("500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)")

@@ -23,7 +23,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from mxgate.sim.config import SimConfig
 from mxgate.sim.outputs import SinkLog, write_report
 from mxgate.sim.provider import Connection, Deferral, ProviderModel
-from mxgate.smtpwire import MessageTooBig, read_data, simple_path
+from mxgate.smtpwire import FastPathsMixin
 
 __all__ = ["ProviderSimulator", "SimSMTP"]
 
@@ -59,7 +59,7 @@ class _Handler:
 _HANDLER = _Handler()
 
 
-class SimSMTP(SMTP):
+class SimSMTP(FastPathsMixin, SMTP):
     """One client connection of the simulator."""
 
     def __init__(self, simulator: ProviderSimulator, *, loop: asyncio.AbstractEventLoop) -> None:
@@ -110,28 +110,13 @@ class SimSMTP(SMTP):
 
     # -- the per-message path ------------------------------------------------------------------------
 
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        simple = None if self.local_part_limit else simple_path(arg)
-        return simple if simple is not None else super()._getaddr(arg)
-
     @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
-        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+        content = await self.receive_data(arg)
+        if content is None:
             return
         envelope = self.envelope
         assert envelope is not None
-        if not envelope.rcpt_tos:
-            await self.push("503 5.5.1 Error: need RCPT command")
-            return
-        if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
-            return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        content = await self._read_data()
-        if content is None:
-            self.envelope = self._create_envelope()
-            await self.push("552 5.3.4 Error: message too big")
-            return
         model = self.model
         deferral = model.at_data_end(self.connection)
         delay = model.data_reply_delay()
@@ -146,14 +131,6 @@ class SimSMTP(SMTP):
             line = self.refuse(deferral)
         self.envelope = self._create_envelope()
         await self.push(line)
-
-    async def _read_data(self) -> bytes | None:
-        """The message after dot-unstuffing, or None if it was larger than the size limit (then drained)."""
-        try:
-            return await read_data(self._reader, size_limit=self.data_size_limit,
-                                   line_limit=self.line_length_limit)
-        except MessageTooBig:
-            return None
 
 
 class ProviderSimulator:
