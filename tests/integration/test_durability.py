@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiosmtplib
@@ -45,21 +45,6 @@ pytestmark = pytest.mark.slow
 
 PROVIDER = "microsoft"
 RCPT = "u@outlook.test"
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    processes = Processes(tmp_path)
-    yield processes
-    processes.close()
-
-
-@pytest.fixture
-def redis_proc(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    """A redis-server of this test's own (tests here kill it); AOF with fsync every second, as in dev."""
-    server = EmbeddedRedis(tmp_path / "redis").start()
-    yield server
-    server.stop(kill=True)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiosmtplib
@@ -19,20 +19,6 @@ from support.gateway import policy, policy_yaml
 from support.procs import MxgateProcess, Processes
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    processes = Processes(tmp_path)
-    yield processes
-    processes.close()
-
-
-@pytest.fixture
-def fresh_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 async def start_fleet(procs: Processes, redis: EmbeddedRedis, tmp_path: Path, *, gateways: int,
@@ -97,9 +83,9 @@ async def sim() -> AsyncIterator[ProviderSimulator]:
         yield simulator
 
 
-async def test_four_gateways_keep_within_five_connections(procs: Processes, fresh_redis: EmbeddedRedis,
+async def test_four_gateways_keep_within_five_connections(procs: Processes, redis_proc: EmbeddedRedis,
                                                           sim: ProviderSimulator, tmp_path: Path) -> None:
-    fleet = await start_fleet(procs, fresh_redis, tmp_path, gateways=4, route=[f"127.0.0.1:{sim.port}"],
+    fleet = await start_fleet(procs, redis_proc, tmp_path, gateways=4, route=[f"127.0.0.1:{sim.port}"],
                               maxConnections=5, maxMessagesPerConnection=100)
     assert await send([port for _, port in fleet], 5000) == 5000
     report = await wait_accepted(sim, 5000, timeout=180)
@@ -111,18 +97,18 @@ async def test_four_gateways_keep_within_five_connections(procs: Processes, fres
 
 
 async def test_kill_9_of_a_lease_holder_the_fleet_regains_full_concurrency(
-        procs: Processes, fresh_redis: EmbeddedRedis, tmp_path: Path) -> None:
+        procs: Processes, redis_proc: EmbeddedRedis, tmp_path: Path) -> None:
     # A slow provider keeps connections busy. Gateway A starts alone and takes all four connection leases;
     # gateway B joins and waits for leases; then A is killed with every lease held.
     async with ProviderSimulator(SimConfig(profile="outlook", max_connections=4, latency=0.05)) as slow:
         extra = ("--visibility", "5", "--connection-lease", "10")
-        [(victim, port_a)] = await start_fleet(procs, fresh_redis, tmp_path, gateways=1,
+        [(victim, port_a)] = await start_fleet(procs, redis_proc, tmp_path, gateways=1,
                                                route=[f"127.0.0.1:{slow.port}"], maxConnections=4,
                                                maxMessagesPerConnection=10_000, extra=extra)
         sender = asyncio.create_task(send([port_a], 3000))
         while slow.report()["connections"]["open"] < 4:
             await asyncio.sleep(0.05)
-        survivor, metrics_b = start_gateway(procs, fresh_redis, "gateway-b", extra)
+        survivor, metrics_b = start_gateway(procs, redis_proc, "gateway-b", extra)
         await survivor.wait_ready(metrics_b, timeout=60)
         await asyncio.sleep(1.0)         # B's dispatcher has claimed jobs and queued for leases
         assert slow.report()["connections"]["open"] == 4
@@ -154,10 +140,10 @@ async def test_kill_9_of_a_lease_holder_the_fleet_regains_full_concurrency(
         await asyncio.gather(sender, return_exceptions=True)
 
 
-async def test_fleet_rate_limit_holds_in_every_window(procs: Processes, fresh_redis: EmbeddedRedis,
+async def test_fleet_rate_limit_holds_in_every_window(procs: Processes, redis_proc: EmbeddedRedis,
                                                       tmp_path: Path) -> None:
     async with ProviderSimulator(SimConfig(profile="outlook")) as unlimited:
-        fleet = await start_fleet(procs, fresh_redis, tmp_path, gateways=4, route=[f"127.0.0.1:{unlimited.port}"],
+        fleet = await start_fleet(procs, redis_proc, tmp_path, gateways=4, route=[f"127.0.0.1:{unlimited.port}"],
                                   maxConnections=20, messagesPerSecond=50)
         assert await send([port for _, port in fleet], 800) == 800
         report = await wait_accepted(unlimited, 800, timeout=120)
