@@ -26,9 +26,18 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from mxgate import keys
+from mxgate.egress.outcome import CompiledRule, compile_rules
 from mxgate.egress.retry import RetrySchedule
 from mxgate.limits.effective import Effective
-from mxgate.policy import DEFAULT_POLICY_NAME, Limits, ProviderPolicy, ProviderTable, Retry, parse_duration
+from mxgate.policy import (
+    DEFAULT_POLICY_NAME,
+    Limits,
+    ProviderPolicy,
+    ProviderTable,
+    ResponseRule,
+    Retry,
+    parse_duration,
+)
 
 log = logging.getLogger("mxgate.policybook")
 
@@ -48,6 +57,7 @@ class PolicyBook:
         self._on_limits: list[Callable[[str], None]] = []
         self._on_change: list[Callable[[], None]] = []
         self._schedules: dict[Retry, RetrySchedule] = {}
+        self._rules: dict[tuple[ResponseRule, ...], tuple[CompiledRule, ...]] = {}
         self._background: set[asyncio.Task[bool]] = set()
 
     # -- queries ---------------------------------------------------------------------------------------
@@ -80,6 +90,17 @@ class PolicyBook:
                 throttled_delay=parse_duration(spec.throttled_delay),
                 throttled_max_delay=parse_duration(spec.throttled_max_delay), max_age=parse_duration(spec.max_age))
         return cached
+
+    def rules(self, provider: str) -> tuple[CompiledRule, ...]:
+        """The policy's ``spec.responses``, compiled (unmatched domains use the default policy's)."""
+        policy = self.table.policies.get(provider) or self.table.policies.get(DEFAULT_POLICY_NAME)
+        if policy is None or not policy.spec.responses:
+            return ()
+        key = tuple(policy.spec.responses)
+        compiled = self._rules.get(key)
+        if compiled is None:
+            compiled = self._rules[key] = compile_rules(policy.spec.responses)
+        return compiled
 
     def on_wake(self, callback: Callable[[str], None]) -> None:
         self._on_wake.append(callback)

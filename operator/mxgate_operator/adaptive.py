@@ -61,8 +61,11 @@ def _state_from_redis(raw: Mapping[bytes, bytes], policy: ProviderPolicy) -> Con
 
 
 def _state_to_redis(state: ControlState, reason: str) -> dict[str, str]:
-    effective = Effective(state.connections, state.rate, int(state.suspended_until * 1000), reason)
-    return {**effective.to_redis(), "calm": str(state.calm),
+    effective = Effective(state.connections, state.rate, int(state.suspended_until * 1000), reason).to_redis()
+    # Gateways set suspendedUntil themselves (atomically, never shortening it); writing back the value read
+    # a moment ago could undo a suspension that happened in between.
+    del effective["suspendedUntil"]
+    return {**effective, "calm": str(state.calm),
             "connectionsBad": "" if state.connections_bad is None else str(state.connections_bad),
             "rateBad": "" if state.rate_bad is None else f"{state.rate_bad:g}",
             "connectionStrikes": str(state.connection_strikes), "rateStrikes": str(state.rate_strikes)}

@@ -56,6 +56,7 @@ class Limiter(Protocol):
                       per_hour: int | None = None, per_day: int | None = None) -> None: ...
     def set_limit(self, provider: str, limit: int) -> None: ...
     def released(self, provider: str) -> None: ...
+    async def suspend(self, provider: str, *, seconds: float, reason: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -423,6 +424,7 @@ class ProviderDispatcher:
         try:
             age = time.time() - job.created_ms / 1000
             verdict = judge(report.replies, attempts=job.attempts, age=age, schedule=engine.book.retry(self.provider),
+                            rules=engine.book.rules(self.provider),
                             rand=engine.random())
             metrics = engine.metrics
             for rcpt in verdict.delivered:
@@ -432,6 +434,15 @@ class ProviderDispatcher:
             for rcpt, reply in verdict.failed:
                 metrics.failed(self.provider)
                 log.warning("failed permanently", extra={"rcpt": rcpt, "reply": str(reply)})
+            if verdict.suspend_for:
+                reply_text = str(verdict.deferred[0][1]) if verdict.deferred else ""
+                try:
+                    await engine.limiter.suspend(self.provider, seconds=verdict.suspend_for,
+                                                 reason=f"Suspend rule: {reply_text}")
+                    log.warning("provider suspended", extra={"provider": self.provider, "seconds": verdict.suspend_for,
+                                                             "reply": reply_text})
+                except LimiterUnavailable as exc:
+                    log.warning("%s", exc)
             for rcpt, reply in verdict.deferred:
                 metrics.deferred(self.provider, verdict.deferral or DeferralClass.OTHER)
                 log.info("deferred", extra={"rcpt": rcpt, "reply": str(reply),

@@ -4,14 +4,23 @@ Each recipient ends in one of three piles: delivered (2xx), failed (5xx, or 4xx 
 a delivery status notification goes to the sender), or deferred (4xx: the job is rescheduled with only
 these recipients). The deferral class of the first deferred reply drives the retry delay and the
 local reflex towards the provider.
+
+A policy's ``spec.responses`` rules are tried first, in order, on every reply that is not 2xx:
+``TightenConnections`` / ``TightenRate`` make a 4xx a connection or rate signal, ``Retry`` an
+ordinary deferral, ``Bounce`` a permanent failure, and ``Suspend`` a deferral that also suspends the
+provider for the rule's duration (``Verdict.suspend_for``). Replies no rule matches are classified by
+the built-in table (``replies.classify``).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from mxgate.egress.replies import DeferralClass, Outcome, SmtpReply, classify
+from mxgate.egress.replies import Classification, DeferralClass, Outcome, SmtpReply, classify
 from mxgate.egress.retry import RetrySchedule, is_expired, next_delay
+from mxgate.policy import ResponseRule, parse_duration
 
 EXPIRED_STATUS = "4.4.7"
 
@@ -24,14 +33,49 @@ class Verdict:
     deferral: DeferralClass | None = None
     retry_delay: float = 0.0
     expired: bool = False
+    suspend_for: float | None = None   # seconds, when a Suspend rule matched
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    pattern: re.Pattern[str]
+    action: str
+    seconds: float | None
+
+    def matches(self, reply: SmtpReply) -> bool:
+        return self.pattern.search(str(reply)) is not None
+
+
+def compile_rules(rules: Sequence[ResponseRule]) -> tuple[CompiledRule, ...]:
+    return tuple(CompiledRule(re.compile(r.match, re.IGNORECASE), r.action,
+                              parse_duration(r.duration) if r.duration else None) for r in rules)
+
+
+_ACTION_CLASS = {"TightenConnections": DeferralClass.CONNECTIONS, "TightenRate": DeferralClass.RATE,
+                 "Retry": DeferralClass.OTHER, "Suspend": DeferralClass.REPUTATION}
+
+
+def classify_with(reply: SmtpReply, rules: Sequence[CompiledRule]) -> tuple[Classification, CompiledRule | None]:
+    """The policy's rules first (on non-2xx replies), then the built-in table."""
+    if not 200 <= reply.code < 300:
+        for rule in rules:
+            if rule.matches(reply):
+                if rule.action == "Bounce":
+                    return Classification(outcome=Outcome.FAILED, deferral=None), rule
+                if reply.code >= 500:
+                    break  # a permanent reply stays permanent: rules only decide what a deferral means
+                return Classification(outcome=Outcome.DEFERRED, deferral=_ACTION_CLASS[rule.action]), rule
+    return classify(reply), None
 
 
 def judge(replies: dict[str, SmtpReply], *, attempts: int, age: float, schedule: RetrySchedule,
-          rand: float) -> Verdict:
+          rand: float, rules: Sequence[CompiledRule] = ()) -> Verdict:
     """``attempts``: deferrals before this attempt; ``age``: seconds since the message was queued."""
     verdict = Verdict()
     for rcpt, reply in replies.items():
-        outcome = classify(reply)
+        outcome, rule = classify_with(reply, rules)
+        if rule is not None and rule.action == "Suspend" and rule.seconds is not None:
+            verdict.suspend_for = max(verdict.suspend_for or 0.0, rule.seconds)
         if outcome.outcome is Outcome.DELIVERED:
             verdict.delivered.append(rcpt)
         elif outcome.outcome is Outcome.FAILED:

@@ -80,6 +80,7 @@ class FleetLimiter:
         self._renew: AsyncScript = redis.register_script(_script("lease_renew"))
         self._release: AsyncScript = redis.register_script(_script("lease_release"))
         self._gcra: AsyncScript = redis.register_script(_script("gcra"))
+        self._suspend: AsyncScript = redis.register_script(_script("suspend"))
         self._freed: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self.held: dict[str, set[Lease]] = defaultdict(set)
         self.limits_now: dict[str, int] = {}
@@ -185,6 +186,14 @@ class FleetLimiter:
             self._renew_now.clear()
             for provider in [p for p, leases in self.held.items() if leases]:
                 await self.renew(provider)
+
+    async def suspend(self, provider: str, *, seconds: float, reason: str) -> None:
+        """Stop deliveries to ``provider`` fleet-wide for ``seconds`` (never shortens a longer suspension)."""
+        try:
+            await self._suspend(keys=[keys.limits(provider)], args=[
+                int(seconds * 1000), reason[:300], keys.EVENTS, f"{keys.EVENT_LIMITS} {provider}"])
+        except _REDIS_ERRORS as exc:
+            raise LimiterUnavailable(f"cannot suspend {provider}: {exc}") from exc
 
     async def close(self) -> None:
         """Stop renewing (the leases themselves are released by their connections as they close)."""
