@@ -173,8 +173,8 @@ class Adaptive(_Model):
         default_factory=ConnectionsAndRate, description="Limits are never cut below these values.")
     decrease_factor: float = Field(
         default=0.7, gt=0, lt=1,
-        description="A cut multiplies the limit by at most this factor (the rate is cut to the goodput the "
-        "provider actually accepted when that is lower, but never below a quarter of the old rate).")
+        description="A connection-limit cut multiplies the limit by at most this factor (the rate is cut to "
+        "the goodput the provider accepted instead, at least 5 % and at most to a quarter at once).")
     increase_step: ConnectionsAndRate = Field(
         default_factory=lambda: ConnectionsAndRate(connections=1, messages_per_second=5.0),
         description="Added to a limit after enough calm windows (additive increase), up to the ceiling.")

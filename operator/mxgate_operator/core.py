@@ -8,9 +8,10 @@ Signals, per window, as fractions of recipient outcomes (delivered + failed + de
 - connections: replies classified CONNECTIONS (``451 4.7.652``, ``421 4.4.5``) -> cut the connection
   limit: ``min(c * decreaseFactor, c - 1)``, floored.
 - rate: replies classified RATE or REPUTATION (``451 4.7.650``, ``421 4.7.28``) -> cut the rate to the
-  goodput the provider accepted in the window when that is lower than ``r * decreaseFactor`` (the
-  evidence says how far), never below a quarter of ``r`` at once (a quiet window is weak evidence),
-  floored. A provider without a rate ceiling gets a rate limit from its first rate signal on.
+  goodput the provider accepted in the window (the evidence says how far: a small overshoot costs a
+  little, a large one a lot), at least 5 % below ``r``, never below a quarter of ``r`` at once (a quiet
+  window is weak evidence), floored. A provider without a rate ceiling gets a rate limit from its first
+  rate signal on.
 - neither, with traffic: one more calm window. After ``calmWindows`` calm windows a limit goes up by
   ``increaseStep`` (additive increase), never above the policy's ceiling, and only if the window used
   it: the connections in use reached the limit, or the goodput reached 80 % of the rate (a limit the
@@ -39,6 +40,7 @@ from mxgate.policy import Adaptive, Limits, parse_duration
 
 MAX_STRIKES = 6
 MIN_RATE_CUT = 0.25   # one window never cuts the rate below a quarter
+MAX_RATE_CUT = 0.95   # a rate signal always cuts at least 5 %
 RATE_USED = 0.8       # goodput at this share of the rate limit counts as "the limit was in use"
 
 
@@ -205,7 +207,7 @@ def _cut_rate(state: ControlState, adaptive: Adaptive, window: Window) -> Contro
         new = max(adaptive.floor.messages_per_second, accepted * adaptive.decrease_factor if accepted else 1.0)
         reference = max(accepted, new)
     else:
-        new = max(adaptive.floor.messages_per_second, old * MIN_RATE_CUT, min(old * adaptive.decrease_factor, accepted))
+        new = max(adaptive.floor.messages_per_second, old * MIN_RATE_CUT, min(old * MAX_RATE_CUT, accepted))
         reference = old
     bad, strikes = _remember(state.rate_bad, state.rate_strikes, reference)
     return replace(state, rate=_round_rate(new), rate_bad=bad, rate_strikes=strikes)

@@ -29,8 +29,10 @@ def w(**counts: int) -> Window:
     (ControlState(20, 200.0), w(delivered=250, deferred_rate=700), 20, 50.0, "rate or reputation"),
     # ... but never below a quarter at once (a quiet window is weak evidence)
     (ControlState(20, 200.0), w(delivered=10, deferred_reputation=10), 20, 50.0, "rate or reputation"),
-    # ... and at least by the decrease factor when goodput was higher
-    (ControlState(20, 100.0), w(delivered=500, deferred_rate=50), 20, 70.0, "rate or reputation"),
+    # ... and at least 5 % when the goodput reached the limit (a small overshoot: a small cut)
+    (ControlState(20, 100.0), w(delivered=500, deferred_rate=50), 20, 95.0, "rate or reputation"),
+    # a recovery step just above the provider's real rate comes back to what it accepted, not far below
+    (ControlState(5, 55.0), w(delivered=250, deferred_rate=4), 5, 50.0, "rate or reputation"),
     # both signals at once
     (ControlState(10, 100.0), w(delivered=200, deferred_rate=50, deferred_connections=50), 7, 40.0, "connections"),
     # below the threshold (1 %): noise, nothing happens
