@@ -23,6 +23,7 @@ small (the policy table, the provider index).
     mxg:{p:<provider>}:limits       HASH    effective limits in force now (controller/operator writes):
                                             maxConnections, messagesPerSecond, burst, ... (see limits/)
     mxg:{p:<provider>}:leases:<id>  ZSET    connection lease token -> expiry ms (a distributed semaphore)
+    mxg:{p:<provider>}:closing:<id> SET     leases above a lowered limit whose connection must close
     mxg:{p:<provider>}:waiters:<id> ZSET    waiting connection attempt -> arrival ms (FIFO across pods)
     mxg:{p:<provider>}:waitbeat:<id> ZSET   waiting connection attempt -> last seen ms (stale ones go)
     mxg:{p:<provider>}:gcra:<id>    STRING  GCRA theoretical arrival time (ms) of the message rate
@@ -74,6 +75,10 @@ def limits(provider: str) -> str:
 
 def leases(provider: str, identity: str = DEFAULT_IDENTITY) -> str:
     return f"{provider_tag(provider)}:leases:{identity}"
+
+
+def closing(provider: str, identity: str = DEFAULT_IDENTITY) -> str:
+    return f"{provider_tag(provider)}:closing:{identity}"
 
 
 def waiters(provider: str, identity: str = DEFAULT_IDENTITY) -> str:

@@ -159,22 +159,33 @@ async def test_release_wakes_waiters_promptly(redis_server: EmbeddedRedis) -> No
         await close([a, b])
 
 
-async def test_lowered_limit_drops_surplus_leases_idle_ones_first(redis_server: EmbeddedRedis, redis_client) -> None:
-    (pod,) = await pods(redis_server.url, 1)
+async def test_lowered_limit_marks_surplus_leases_idle_ones_first(redis_server: EmbeddedRedis,
+                                                                    redis_client) -> None:
+    a, b = await pods(redis_server.url, 2)
     try:
-        leases = [await pod.acquire("shrink", limit=4) for _ in range(4)]
-        leases[0].idle = True
+        leases = [await a.acquire("shrink", limit=4) for _ in range(2)] + \
+                 [await b.acquire("shrink", limit=4) for _ in range(2)]
         leases[1].idle = True
-        pod.set_limit("shrink", 1)
-        await pod.renew("shrink")
-        # Idle connections go first, then busy ones (they close after their current message).
-        assert leases[0].surplus and leases[1].surplus and sum(lease.surplus for lease in leases) == 3
+        a.set_limit("shrink", 1)
+        b.set_limit("shrink", 1)
+        await a.renew("shrink")
+        await b.renew("shrink")          # renewing at the same time: the excess (3) is closed once, not twice
+        assert leases[1].surplus                                   # A's idle connection goes first
+        assert sum(lease.surplus for lease in leases) == 3
+        # Surplus leases stay taken until their connections close: nobody can open one in between.
+        assert await redis_client.zcard(keys.leases("shrink")) == 4
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(b.acquire("shrink", limit=1), timeout=0.5)
+        for lease in leases:
+            if lease.surplus:
+                await (a if lease in leases[:2] else b).release(lease)
         assert await redis_client.zcard(keys.leases("shrink")) == 1
-        await pod.renew("shrink")
+        assert await redis_client.scard(keys.closing("shrink")) == 0
         kept = [lease for lease in leases if not lease.surplus]
-        assert len(kept) == 1 and not kept[0].lost
+        await (a if kept[0] in leases[:2] else b).renew("shrink")
+        assert not kept[0].surplus and not kept[0].lost
     finally:
-        await close([pod])
+        await close([a, b])
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -11,9 +11,11 @@ every 10 s while the connection lives); its queued attempts go stale after 3 s.
 The message rate is GCRA over Redis server time (``gcra.lua``), with optional hourly and daily caps.
 Every script runs on Redis time, never a pod's clock, and touches one hash slot.
 
-A lowered connection limit is applied at once: every pod renews its leases, surplus ones are dropped
-(idle connections' first) and those connections close as soon as their current message is done, so
-the fleet converges to the new limit without cutting a message in half.
+A lowered connection limit is applied at once: every pod renews its leases, surplus ones are marked
+for closing (idle connections' first) and those connections close as soon as their current message is
+done, then release their lease as usual. Until then the leases stay taken, so nobody opens a new
+connection in the meantime: the fleet converges down to the new limit, never past the old one, and
+never cuts a message in half.
 """
 
 from __future__ import annotations
@@ -142,7 +144,8 @@ class FleetLimiter:
     async def release(self, lease: Lease) -> None:
         self.held[lease.provider].discard(lease)
         try:
-            await self._release(keys=[keys.leases(lease.provider, self.identity)],
+            await self._release(keys=[keys.leases(lease.provider, self.identity),
+                                      keys.closing(lease.provider, self.identity)],
                                 args=[lease.token, keys.EVENTS, f"{keys.EVENT_FREE} {lease.provider}"])
         except _REDIS_ERRORS as exc:
             log.warning("lease release failed (it expires by itself): %s", exc)
@@ -163,7 +166,8 @@ class FleetLimiter:
             return
         args: list[str | int] = [self.lease_ms, self.limits_now.get(provider, 1), *(lease.token for lease in leases)]
         try:
-            statuses = await self._renew(keys=[keys.leases(provider, self.identity)], args=args)
+            statuses = await self._renew(keys=[keys.leases(provider, self.identity),
+                                               keys.closing(provider, self.identity)], args=args)
         except _REDIS_ERRORS as exc:
             log.warning("lease renewal failed: %s", exc)
             return
