@@ -55,7 +55,6 @@ class PolicyBook:
         self._on_wake: list[Callable[[str], None]] = []
         self._on_free: list[Callable[[str], None]] = []
         self._on_limits: list[Callable[[str], None]] = []
-        self._on_change: list[Callable[[], None]] = []
         self._schedules: dict[Retry, RetrySchedule] = {}
         self._rules: dict[tuple[ResponseRule, ...], tuple[CompiledRule, ...]] = {}
         self._background: set[asyncio.Task[bool]] = set()
@@ -65,9 +64,13 @@ class PolicyBook:
     def policy(self, provider: str) -> ProviderPolicy | None:
         return self.table.policies.get(provider)
 
+    def governing(self, provider: str) -> ProviderPolicy | None:
+        """The provider's own policy, or for unmatched domains (``domain:<name>``) the ``default`` one."""
+        return self.table.policies.get(provider) or self.table.policies.get(DEFAULT_POLICY_NAME)
+
     def ceiling(self, provider: str) -> Limits:
         """The policy's limits for ``provider``; unmatched domains get the ``default`` policy's, per domain."""
-        policy = self.table.policies.get(provider) or self.table.policies.get(DEFAULT_POLICY_NAME)
+        policy = self.governing(provider)
         return policy.spec.limits if policy else _BUILTIN_DEFAULT
 
     def limits(self, provider: str) -> Limits:
@@ -81,7 +84,7 @@ class PolicyBook:
         return effective.suspended_until_ms if effective else 0
 
     def retry(self, provider: str) -> RetrySchedule:
-        policy = self.table.policies.get(provider) or self.table.policies.get(DEFAULT_POLICY_NAME)
+        policy = self.governing(provider)
         spec = policy.spec.retry if policy else Retry()
         cached = self._schedules.get(spec)
         if cached is None:
@@ -93,7 +96,7 @@ class PolicyBook:
 
     def rules(self, provider: str) -> tuple[CompiledRule, ...]:
         """The policy's ``spec.responses``, compiled (unmatched domains use the default policy's)."""
-        policy = self.table.policies.get(provider) or self.table.policies.get(DEFAULT_POLICY_NAME)
+        policy = self.governing(provider)
         if policy is None or not policy.spec.responses:
             return ()
         key = tuple(policy.spec.responses)
@@ -104,9 +107,6 @@ class PolicyBook:
 
     def on_wake(self, callback: Callable[[str], None]) -> None:
         self._on_wake.append(callback)
-
-    def on_change(self, callback: Callable[[], None]) -> None:
-        self._on_change.append(callback)
 
     def on_free(self, callback: Callable[[str], None]) -> None:
         self._on_free.append(callback)
@@ -142,8 +142,6 @@ class PolicyBook:
             self.revision = rev
             self.loaded = True
             log.info("policies loaded", extra={"revision": rev.decode(), "policies": sorted(self.table.policies)})
-            for callback in self._on_change:
-                callback()
         return await self.reload_limits(*self.table.policies)
 
     async def reload_limits(self, *providers: str) -> bool:

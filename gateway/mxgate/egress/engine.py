@@ -63,7 +63,6 @@ class Limiter(Protocol):
 class EngineSettings:
     helo_name: str
     visibility_ms: int = 60_000          # claim lease; renewed every third of it while the job is held
-    connect_timeout: float = 30.0
     command_timeout: float = 60.0
     starttls: bool = True
 

@@ -150,7 +150,7 @@ class IngressHandler:
                 self.metrics.spool_error()
                 log.error("message not queued: %s", exc)
                 return "451 4.3.0 Temporary failure storing the message, try again later"
-            self.metrics.received(len(envelope.rcpt_tos))
+            self.metrics.received()
             log.info("queued", extra={"from": envelope.mail_from, "rcpts": len(envelope.rcpt_tos),
                                       "size": len(body), "jobs": len(jobs), "peer": str(session.peer)})
             return f"250 2.0.0 Ok: queued as {queue_id}"

@@ -27,7 +27,7 @@ import secrets
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 
 import redis.asyncio as aioredis
@@ -64,7 +64,6 @@ class Lease:
     idle: bool = False
     lost: bool = False
     surplus: bool = False
-    acquired_at: float = field(default_factory=time.monotonic)
 
     @property
     def must_close(self) -> bool:
@@ -88,7 +87,6 @@ class FleetLimiter:
         self.limits_now: dict[str, int] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._renew_now = asyncio.Event()
-        self.lease_wait_seconds: defaultdict[str, float] = defaultdict(float)  # telemetry reads and resets
 
     # -- events --------------------------------------------------------------------------------------
 
@@ -110,7 +108,6 @@ class FleetLimiter:
         token = secrets.token_hex(8)
         waiter = f"w{token}"
         self.limits_now[provider] = limit
-        started = time.monotonic()
         event = self._freed[provider]
         keys_ = [keys.leases(provider, self.identity), keys.waiters(provider, self.identity),
                  keys.waitbeat(provider, self.identity)]
@@ -138,8 +135,6 @@ class FleetLimiter:
                 pipe.zrem(keys_[2], waiter)
                 await pipe.execute()
             raise
-        finally:
-            self.lease_wait_seconds[provider] += time.monotonic() - started
 
     async def release(self, lease: Lease) -> None:
         self.held[lease.provider].discard(lease)

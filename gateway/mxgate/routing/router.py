@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mxgate.errors import RoutingError
-from mxgate.policy import DEFAULT_POLICY_NAME, default_provider_id
+from mxgate.policy import default_provider_id
 from mxgate.policybook import PolicyBook
 from mxgate.routing.dns import MxResolver
 
@@ -56,7 +56,7 @@ class Router:
 
         Raises DnsTemporaryError / DnsPermanentError from the MX lookup.
         """
-        policy = self.book.policy(provider) or self.book.policy(DEFAULT_POLICY_NAME)
+        policy = self.book.governing(provider)
         if policy is not None and policy.spec.route is not None:
             return [NextHop(host, port) for host, port in policy.spec.route.next_hops()]
         answer = await self.resolver.mx(domain)

@@ -21,7 +21,7 @@ import json
 import secrets
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -84,7 +84,6 @@ class Job:
     attempts: int
     dsn: bool
     last_reply: str = ""
-    claimed_at: float = field(default_factory=time.monotonic)
 
     @classmethod
     def from_redis(cls, provider: str, job_id: str, token: str, flat: Sequence[bytes]) -> Job:

@@ -108,7 +108,7 @@ class Metrics:
     def _add(self, name: str, labels: Labels = (), n: int = 1) -> None:
         self._counts[name].values[labels] += n
 
-    def received(self, recipients: int) -> None:
+    def received(self) -> None:
         self._add("mxgate_messages_received")
 
     def rejected(self, reason: str) -> None:
