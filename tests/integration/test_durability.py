@@ -32,6 +32,7 @@ from support.procs import (
     Sender,
     SlowSinkHandler,
     alive,
+    duplicate_count,
     numbered_message,
     readyz,
     received_queue_ids,
@@ -93,6 +94,13 @@ async def leased_jobs(redis: EmbeddedRedis) -> int:
         return int(await client.zcount(keys.queue(PROVIDER), f"({now_ms + 100}", "+inf"))
     finally:
         await client.aclose()
+
+
+async def everything_arrived(sink: Sink, sender: Sender, redis: EmbeddedRedis) -> int:
+    """Wait until every queue id that got a 250 reached the sink and the spool is empty; the duplicates."""
+    await wait_for_queue_ids(sink, sender.queue_ids, timeout=180)
+    await wait_spool_empty(redis, timeout=60)
+    return duplicate_count(sink)
 
 
 async def wait_spool_empty(redis: EmbeddedRedis, *, timeout: float) -> None:
@@ -183,10 +191,7 @@ async def test_gateway_killed_mid_delivery_loses_nothing(
         sending.cancel()
 
     assert len(sender.accepted) == count
-    await wait_for_queue_ids(slow_sink, sender.queue_ids, timeout=180)
-    await wait_spool_empty(redis_proc, timeout=60)
-    ids = received_queue_ids(slow_sink)
-    duplicates = sum(n - 1 for n in ids.values())
+    duplicates = await everything_arrived(slow_sink, sender, redis_proc)
     report(record_property, accepted=len(sender.accepted), arrived_before_kill=arrived_before,
            sink_connections_at_kill=in_flight, duplicates=duplicates,
            client_retries=sum(sender.failures.values()), client_failures=dict(sender.failures))
@@ -235,9 +240,8 @@ async def test_redis_killed_keeps_messages_accepted_more_than_a_second_before(
     # The rest too: messages accepted after the restart, and (with the AOF written before every reply)
     # those of the last second, which only an operating-system crash could take.
     await wait_for_queue_ids(slow_sink, sender.queue_ids, timeout=120)
-    ids = received_queue_ids(slow_sink)
     report(record_property, accepted=len(sender.accepted), accepted_before_kill=len(accepted_at_kill),
-           accepted_in_last_second=len(recent), duplicates=sum(n - 1 for n in ids.values()),
+           accepted_in_last_second=len(recent), duplicates=duplicate_count(slow_sink),
            client_failures=dict(sender.failures))
     assert gateway.returncode is None, "the gateway must ride out a Redis restart"
     assert sender.failures, "no client ever saw Redis missing: the kill came too late to prove anything"
@@ -330,10 +334,7 @@ async def test_sigterm_during_steady_send_turns_unready_exits_0_and_loses_nothin
         sending.cancel()
 
     assert len(sender.accepted) == count
-    await wait_for_queue_ids(slow_sink, sender.queue_ids, timeout=180)
-    await wait_spool_empty(redis_proc, timeout=60)
-    ids = received_queue_ids(slow_sink)
-    duplicates = sum(n - 1 for n in ids.values())
+    duplicates = await everything_arrived(slow_sink, sender, redis_proc)
     report(record_property, stop_seconds=round(stop_seconds, 2), duplicates=duplicates,
            client_failures=dict(sender.failures))
     assert "Traceback" not in gateway_a.log()

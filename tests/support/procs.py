@@ -77,6 +77,11 @@ async def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str
         await asyncio.sleep(interval)
 
 
+def duplicate_count(sink: Sink) -> int:
+    """Deliveries beyond the first of each accepted message (at-least-once allows them; losses it does not)."""
+    return sum(n - 1 for n in received_queue_ids(sink).values())
+
+
 async def wait_for_queue_ids(sink: Sink, wanted: set[str], *, timeout: float) -> None:
     """Wait until every queue id in ``wanted`` has arrived at ``sink`` at least once."""
     def missing() -> set[str]:
