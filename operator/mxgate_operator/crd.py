@@ -5,11 +5,14 @@ committed file (and the Helm chart's copy) is exactly what this module generates
 validator (``mxgate policy validate``), the gateway and the operator never disagree about a field.
 
 The spec schema is pydantic's JSON schema turned into a Kubernetes structural schema: references
-inlined, ``Optional`` fields made plain optional properties, ``exclusiveMinimum`` in OpenAPI v3.0 form,
-titles dropped, every property given a description (``kubectl explain`` teaches from them), object
-fields defaulted to ``{}`` so their own defaults apply. Checks that span fields are CEL rules
-(``x-kubernetes-validations``); checks the model makes in Python that CEL cannot (regular expressions
-that must compile) are reported by the operator as the ``Ready=False / InvalidSpec`` condition.
+inlined, ``Optional`` fields made plain optional properties, ``exclusiveMinimum``/``exclusiveMaximum`` in
+OpenAPI v3.0 form, titles dropped, every property given a description (``kubectl explain`` teaches from
+them). An object field the model builds with a ``default_factory`` defaults to what the factory builds
+(written as its difference from the class defaults, usually ``{}``), so the API server fills in exactly the
+model's defaults; an optional object (default ``None``, e.g. ``route``) stays absent when unset.
+Checks that span fields are CEL rules (``x-kubernetes-validations``); checks the model makes in Python
+that CEL cannot (regular expressions that must compile) are reported by the operator as the
+``Ready=False / InvalidSpec`` condition.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import sys
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
+from pydantic.json_schema import GenerateJsonSchema
+from pydantic_core import core_schema
 
 from mxgate.policy import ProviderPolicySpec
 
@@ -44,8 +50,22 @@ SPEC_RULES = [
 ]
 
 
+class _WithFactoryDefaults(GenerateJsonSchema):
+    """pydantic leaves ``default_factory`` defaults out of the schema. Without them the API server would
+    fill a nested object from its class defaults, not from the factory (``adaptive.increaseStep``'s
+    factory sets messagesPerSecond 5, the class default is 1)."""
+
+    def get_default_value(self, schema: core_schema.WithDefaultSchema) -> Any:
+        factory = schema.get("default_factory")
+        if factory is not None and not schema.get("default_factory_takes_data"):
+            value = factory()  # type: ignore[call-arg]
+            if isinstance(value, BaseModel):
+                return value.model_dump(by_alias=True, exclude_defaults=True, mode="json")
+        return super().get_default_value(schema)
+
+
 def _spec_schema() -> dict[str, Any]:
-    raw = ProviderPolicySpec.model_json_schema(by_alias=True)
+    raw = ProviderPolicySpec.model_json_schema(by_alias=True, schema_generator=_WithFactoryDefaults)
     defs = raw.pop("$defs", {})
     return _structural(raw, defs)
 
@@ -67,18 +87,16 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     node.pop("additionalProperties", None)   # structural schemas prune unknown fields instead
     if default is None or node.get("default", ...) is None:
         node.pop("default", None)            # "unset" is the absence of the field
-    if "exclusiveMinimum" in node and not isinstance(node["exclusiveMinimum"], bool):
-        node["minimum"] = node.pop("exclusiveMinimum")
-        node["exclusiveMinimum"] = True
+    for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if exclusive in node and not isinstance(node[exclusive], bool):
+            node[bound] = node.pop(exclusive)
+            node[exclusive] = True
     if "const" in node:
         node["enum"] = [node.pop("const")]
     if description:
         node["description"] = description
     if node.get("type") == "object" and "properties" in node:
         node["properties"] = {name: _structural(prop, defs) for name, prop in node["properties"].items()}
-        for name, prop in node["properties"].items():
-            if prop.get("type") == "object" and "default" not in prop and name not in node.get("required", []):
-                prop["default"] = {}
     if node.get("type") == "array" and "items" in node:
         node["items"] = _structural(node["items"], defs)
     return node
