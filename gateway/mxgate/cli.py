@@ -2,6 +2,7 @@
 
     mxgate gateway     one gateway process (SMTP in, delivery out) against a Redis
     mxgate controller  loads ProviderPolicy files into Redis and keeps them there
+    mxgate operator    the Kubernetes operator: ProviderPolicy objects -> Redis, adaptive limits, status
     mxgate dev         everything on one machine: embedded Redis + controller + gateway
     mxgate passwd      prints a credentials-file line for SMTP AUTH
     mxgate sim         a local SMTP server that throttles like a mailbox provider (tests, benchmarks)
@@ -60,10 +61,17 @@ def existing_file(text: str) -> Path:
     return path
 
 
+def _redis_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", default=os.environ.get("MXGATE_REDIS_URL"),
+                        help="Redis URL (default: $MXGATE_REDIS_URL)")
+    parser.add_argument("--redis-password-file", type=Path, default=os.environ.get("MXGATE_REDIS_PASSWORD_FILE"),
+                        metavar="PATH", help="file holding the Redis password, e.g. a mounted Secret "
+                        "(default: $MXGATE_REDIS_PASSWORD_FILE); overrides a password in the URL")
+
+
 def _gateway_options(parser: argparse.ArgumentParser, *, with_redis: bool) -> None:
     if with_redis:
-        parser.add_argument("--redis-url", default=os.environ.get("MXGATE_REDIS_URL"),
-                            help="Redis URL (default: $MXGATE_REDIS_URL)")
+        _redis_options(parser)
     parser.add_argument("--listen", type=host_port, default=("0.0.0.0", 2525), metavar="HOST:PORT",
                         help="SMTP listen address (default 0.0.0.0:2525)")
     parser.add_argument("--metrics-listen", type=host_port, default=("0.0.0.0", 9325), metavar="HOST:PORT",
@@ -106,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _gateway_options(gateway, with_redis=True)
 
     controller = sub.add_parser("controller", help="load ProviderPolicy files into Redis and keep them there")
-    controller.add_argument("--redis-url", default=os.environ.get("MXGATE_REDIS_URL"))
+    _redis_options(controller)
     controller.add_argument("--policies", type=Path, required=True, metavar="DIR")
     controller.add_argument("--once", action="store_true", help="publish once and exit")
 
@@ -117,8 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where the embedded Redis keeps its append-only file (default .mxgate-dev)")
     dev.add_argument("--redis-port", type=int, default=0, help="embedded Redis port (default: a free one)")
 
+    operator = sub.add_parser("operator", help="Kubernetes operator: ProviderPolicy objects -> Redis, adaptive "
+                              "limits, status and Events")
+    _redis_options(operator)
+    operator.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE"),
+                          help="namespace whose ProviderPolicies are served (default: $POD_NAMESPACE)")
+    peering = operator.add_mutually_exclusive_group()
+    peering.add_argument("--peering", default="mxgate", metavar="NAME",
+                         help="KopfPeering object shared by the replicas; one of them is active (default mxgate)")
+    peering.add_argument("--standalone", action="store_true", help="no peering: the only replica")
+    operator.add_argument("--priority", type=int, metavar="N",
+                          help="peering priority; the highest runs (default: random, so replicas never tie)")
+    operator.add_argument("--health-listen", type=host_port, default=("0.0.0.0", 8080), metavar="HOST:PORT",
+                          help="GET /healthz for liveness probes (default 0.0.0.0:8080)")
+
     status = sub.add_parser("status", help="each provider's limits, traffic and queue")
-    status.add_argument("--redis-url", default=os.environ.get("MXGATE_REDIS_URL"))
+    _redis_options(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
                         help="refresh every SECONDS (default 2) until Ctrl-C")
@@ -164,7 +186,39 @@ def _require_redis_url(args: argparse.Namespace) -> str:
         parse_url(str(args.redis_url))  # a bad port or db number, found here rather than as a traceback later
     except ValueError as exc:
         raise ConfigError(f"--redis-url {args.redis_url!r}: {exc}") from exc
-    return str(args.redis_url)
+    url = str(args.redis_url)
+    password_file = getattr(args, "redis_password_file", None)
+    if password_file:
+        url = with_password(url, _read_secret(Path(password_file)))
+    return url
+
+
+def _read_secret(path: Path) -> str:
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"--redis-password-file {path}: cannot read: {exc.strerror}") from exc
+    if not secret:
+        raise ConfigError(f"--redis-password-file {path}: the file is empty")
+    return secret
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` with its password replaced (quoted, so any character is safe in it)."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("password="))
+        return urlunsplit(parts._replace(query="&".join(filter(None, [query, f"password={quote(password)}"]))))
+    user = quote(parts.username or "", safe="")
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:{quote(password, safe='')}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 
 
 async def _gateway(args: argparse.Namespace) -> None:
@@ -179,7 +233,8 @@ async def _controller(args: argparse.Namespace) -> None:
 
     from mxgate_operator.filemode import FileController
 
-    redis = aioredis.Redis.from_url(_require_redis_url(args))
+    redis_url = _require_redis_url(args)
+    redis = aioredis.Redis.from_url(redis_url)
     controller = FileController(redis, args.policies)
     try:
         await controller.publish()
@@ -240,6 +295,17 @@ async def _until_signal(coro: Coroutine[Any, Any, None]) -> None:
         await task
     except asyncio.CancelledError:
         pass
+
+
+async def _operator(args: argparse.Namespace) -> None:
+    from mxgate_operator.kube import OperatorConfig, run
+
+    if not args.namespace:
+        raise ConfigError("--namespace is required (or set POD_NAMESPACE)")
+    config = OperatorConfig(redis_url=_require_redis_url(args), namespace=args.namespace,
+                            peering=None if args.standalone else args.peering, priority=args.priority,
+                            health_listen=args.health_listen)
+    await _until_signal(run(config))
 
 
 async def _sim(args: argparse.Namespace) -> None:
@@ -327,6 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run(_gateway(args))
         elif args.command == "controller":
             _run(_controller(args))
+        elif args.command == "operator":
+            _run(_operator(args))
         elif args.command == "dev":
             _run(_dev(args))
         elif args.command == "status":

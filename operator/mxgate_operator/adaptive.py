@@ -29,12 +29,21 @@ from mxgate import keys
 from mxgate.limits.effective import Effective
 from mxgate.policy import DEFAULT_POLICY_NAME, ProviderPolicy
 from mxgate.telemetry.fleet import read_window
-from mxgate_operator.core import ControlState, Decision, Window, decide, window_seconds
+from mxgate_operator.core import Adjustment, ControlState, Decision, Window, decide, window_seconds
 
 log = logging.getLogger("mxgate.adaptive")
 
 FLUSH_LAG = 2           # seconds: the newest complete telemetry second is now - FLUSH_LAG
 ADJUSTMENTS_KEPT = 200
+
+
+def _moves(old: ControlState, new: ControlState) -> list[Adjustment]:
+    moves = []
+    if old.connections != new.connections:
+        moves.append(Adjustment("policy", "connections", old.connections, new.connections))
+    if old.rate != new.rate:
+        moves.append(Adjustment("policy", "rate", old.rate, new.rate))
+    return moves
 
 
 def adjustments_key(provider: str) -> str:
@@ -51,13 +60,14 @@ def _state_from_redis(raw: Mapping[bytes, bytes], policy: ProviderPolicy) -> Con
         value = raw.get(name.encode())
         return float(value) if value not in (None, b"") else None
 
-    bad_conns = number("connectionsBad")
+    bad_conns, good_conns = number("connectionsBad"), number("connectionsGood")
     return ControlState(
         connections=effective.max_connections, rate=effective.messages_per_second,
         calm=int(number("calm") or 0),
         connections_bad=int(bad_conns) if bad_conns is not None else None, rate_bad=number("rateBad"),
         connection_strikes=int(number("connectionStrikes") or 0), rate_strikes=int(number("rateStrikes") or 0),
-        suspended_until=effective.suspended_until_ms / 1000)
+        suspended_until=effective.suspended_until_ms / 1000,
+        connections_good=int(good_conns) if good_conns is not None else None, rate_good=number("rateGood"))
 
 
 def _state_to_redis(state: ControlState, reason: str) -> dict[str, str]:
@@ -68,7 +78,16 @@ def _state_to_redis(state: ControlState, reason: str) -> dict[str, str]:
     return {**effective, "calm": str(state.calm),
             "connectionsBad": "" if state.connections_bad is None else str(state.connections_bad),
             "rateBad": "" if state.rate_bad is None else f"{state.rate_bad:g}",
-            "connectionStrikes": str(state.connection_strikes), "rateStrikes": str(state.rate_strikes)}
+            "connectionStrikes": str(state.connection_strikes), "rateStrikes": str(state.rate_strikes),
+            "connectionsGood": "" if state.connections_good is None else str(state.connections_good),
+            "rateGood": "" if state.rate_good is None else f"{state.rate_good:g}"}
+
+
+def relaxes(move: Adjustment) -> bool:
+    """Whether a move relaxes the limit (a rate of None is no limit at all)."""
+    if move.new is None:
+        return True
+    return move.old is not None and move.new > move.old
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +114,17 @@ class AdaptiveLoop:
         for provider, held in zip(providers, await pipe.execute(), strict=True):
             self._peak[provider] = max(self._peak.get(provider, 0), int(held))
 
+    def _due(self, name: str, policy: ProviderPolicy, now: float) -> bool:
+        window = window_seconds(policy.spec.adaptive)
+        due = self._next.get(name)
+        if due is None:
+            self._next[name] = now + window   # first window: collect evidence first
+            return False
+        if now < due:
+            return False
+        self._next[name] = due + window if due + window > now else now + window
+        return True
+
     async def tick(self) -> list[Evaluation]:
         """Evaluate every provider whose window has elapsed; returns what was evaluated."""
         now = self.clock()
@@ -103,16 +133,24 @@ class AdaptiveLoop:
         if policies:
             await self._sample_leases(list(policies), now)
         for name, policy in policies.items():
-            window = window_seconds(policy.spec.adaptive)
-            due = self._next.get(name)
-            if due is None:
-                self._next[name] = now + window   # first window: collect evidence first
-                continue
-            if now < due:
-                continue
-            self._next[name] = due + window if due + window > now else now + window
-            done.append(await self.evaluate(name, policy, now=now, seconds=window))
+            if self._due(name, policy, now):
+                done.append(await self.evaluate(name, policy, now=now, seconds=window_seconds(policy.spec.adaptive)))
         return done
+
+    async def tick_one(self, policy: ProviderPolicy) -> Evaluation | None:
+        """``tick`` for one provider (the operator runs one timer per ProviderPolicy object)."""
+        if policy.name == DEFAULT_POLICY_NAME:
+            return None
+        now = self.clock()
+        await self._sample_leases([policy.name], now)
+        if not self._due(policy.name, policy, now):
+            return None
+        return await self.evaluate(policy.name, policy, now=now, seconds=window_seconds(policy.spec.adaptive))
+
+    def forget(self, provider: str) -> None:
+        """Drop the loop's memory of a provider (its policy was deleted)."""
+        self._next.pop(provider, None)
+        self._peak.pop(provider, None)
 
     async def evaluate(self, provider: str, policy: ProviderPolicy, *, now: float, seconds: float) -> Evaluation:
         end = int(now) - FLUSH_LAG + 1
@@ -128,13 +166,30 @@ class AdaptiveLoop:
             await self._write(provider, decision, now=now)
         return Evaluation(provider, now, window, decision)
 
+    async def put_in_force(self, policy: ProviderPolicy) -> Decision:
+        """After a policy was created or changed: live limits within its (new) ceiling, at once.
+
+        A lowered ceiling lowers the live limits, adaptive control turned off puts the ceiling in force,
+        a raised ceiling leaves the live limits where the controller had them (recovery climbs there).
+        """
+        now = self.clock()
+        raw = await self.redis.hgetall(keys.limits(policy.name))
+        state = _state_from_redis(raw, policy)
+        # An empty window: decide() only clamps to the ceiling, expires suspensions, honours `enabled`.
+        decision = decide(policy.spec.adaptive, policy.spec.limits, state, Window(seconds=0.0), now=now)
+        moves = tuple(_moves(state, decision.state))
+        decision = Decision(decision.state, moves, "policy changed" if moves else decision.reason)
+        if moves or not raw:
+            await self._write(policy.name, decision, now=now)
+        return decision
+
     async def _write(self, provider: str, decision: Decision, *, now: float) -> None:
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.limits(provider), mapping=_state_to_redis(decision.state, decision.reason))
         for move in decision.adjustments:
             entry = {"time": now, **asdict(move), "reason": decision.reason}
             pipe.lpush(adjustments_key(provider), json.dumps(entry))
-            log.info("limit %s", "tightened" if move.signal != "recovery" else "relaxed",
+            log.info("limit %s", "raised" if relaxes(move) else "lowered",
                      extra={"provider": provider, "limit": move.limit, "from": move.old, "to": move.new,
                             "signal": move.signal, "reason": decision.reason})
         pipe.ltrim(adjustments_key(provider), 0, ADJUSTMENTS_KEPT - 1)

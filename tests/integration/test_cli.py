@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,6 +109,58 @@ def test_controller_once_publishes(policies: Path, redis_server: EmbeddedRedis) 
     result = run_mxgate("controller", "--redis-url", redis_server.url, "--policies", str(policies), "--once")
     assert result.returncode == 0, result.stderr
     assert '"policies published"' in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def redis_with_password(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A real redis-server that demands a password with characters a URL would mangle; (url, password)."""
+    port, password = free_port(), "p@ss:w/rd#1%?"
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--requirepass", password, "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0", password
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_redis_password_from_a_file(policies: Path, tmp_path: Path, redis_with_password: tuple[str, str]) -> None:
+    url, password = redis_with_password
+    secret = tmp_path / "redis-password"
+    secret.write_text(password + "\n")   # as a Secret mounted from `kubectl create secret --from-file` may have
+    ok = run_mxgate("controller", "--redis-url", url, "--policies", str(policies), "--once",
+                    env={"MXGATE_REDIS_PASSWORD_FILE": str(secret)})
+    assert ok.returncode == 0, ok.stderr
+    without = run_mxgate("controller", "--redis-url", url, "--policies", str(policies), "--once")
+    assert without.returncode == 2 and "cannot reach Redis" in error_line(without)
+    secret.write_text("wrong")
+    wrong = run_mxgate("controller", "--redis-url", url, "--policies", str(policies), "--once",
+                       "--redis-password-file", str(secret))
+    assert wrong.returncode == 2 and "cannot reach Redis" in error_line(wrong)
+    assert "wrong" not in wrong.stderr   # the password is never printed
+
+
+@pytest.mark.parametrize(("content", "message"), [(None, "cannot read"), ("\n", "the file is empty")])
+def test_unusable_redis_password_file(tmp_path: Path, content: str | None, message: str) -> None:
+    secret = tmp_path / "password"
+    if content is not None:
+        secret.write_text(content)
+    result = run_mxgate("status", "--redis-url", "redis://127.0.0.1:6379", "--redis-password-file", str(secret))
+    assert result.returncode == 2
+    assert error_line(result).startswith(f"mxgate: error: --redis-password-file {secret}: {message}")
+
+
+def test_operator_needs_a_namespace() -> None:
+    result = run_mxgate("operator", "--redis-url", "redis://127.0.0.1:6379", env={"POD_NAMESPACE": ""})
+    assert result.returncode == 2
+    assert error_line(result) == "mxgate: error: --namespace is required (or set POD_NAMESPACE)"
 
 
 # -- policies --------------------------------------------------------------------------------------------
