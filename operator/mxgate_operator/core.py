@@ -12,11 +12,21 @@ Signals, per window, as fractions of recipient outcomes (delivered + failed + de
   little, a large one a lot), at least 5 % below ``r``, never below a quarter of ``r`` at once (a quiet
   window is weak evidence), floored. A provider without a rate ceiling gets a rate limit from its first
   rate signal on.
+  Except when connection deferrals outnumber the rate deferrals: then the goodput was held down by the
+  refused connections (each one spent a rate slot and a round trip) and says little about the rate the
+  provider accepts. The rate is cut only by the share of the messages that reached the provider's rate
+  check and were deferred there (``rate deferred / (delivered + rate deferred)``), at least 5 % and at
+  most by ``decreaseFactor``.
 - neither, with traffic: one more calm window. After ``calmWindows`` calm windows a limit goes up by
   ``increaseStep`` (additive increase), never above the policy's ceiling, and only if the window used
   it: the connections in use reached the limit, or the goodput reached 80 % of the rate (a limit the
   traffic never touched says nothing about the provider; raising it would only arm a later burst, as
   TCP's congestion-window validation, RFC 7661, avoids too).
+- below the known-good level (``*_good``: the highest level of a calm window that used the limit), a
+  used limit climbs back faster: after every single calm window, halfway to that level (at least
+  ``increaseStep``, never past it), as TCP's slow start climbs to ``ssthresh``. The level was shown to
+  be fine, so waiting ``calmWindows`` between additive steps only costs goodput. Above it the additive
+  rule applies again.
 
 Damping (why it does not oscillate wildly on noise):
 
@@ -28,7 +38,14 @@ Damping (why it does not oscillate wildly on noise):
    approached once and then held. A limit that has been calm for ``calmWindows`` at or above its
    known-bad level forgets it, so a provider limit that really moved up is found again.
 4. A cut resets the calm count for both limits: recovery starts only after the provider is calm again.
-5. Suspensions (``suspendedUntil``) expire on their own; the core only carries them forward.
+5. The fast climb only goes back to a level that was calm and used, never to or past a known-bad level
+   (those follow rule 3), and a signal at or below the known-good level erases it (the provider's limit
+   moved down), except a rate signal in a window dominated by connection deferrals (weak evidence about
+   the rate). So after a probe above a good level fails, the limit returns there once, not repeatedly.
+6. A rate signal in a window dominated by connection deferrals cuts gently (at most ``decreaseFactor``):
+   while connections are being cut, the few messages that reached the provider's rate check are not
+   enough evidence to cut the rate to the goodput.
+7. Suspensions (``suspendedUntil``) expire on their own; the core only carries them forward.
 """
 
 from __future__ import annotations
@@ -93,6 +110,8 @@ class ControlState:
     connection_strikes: int = 0
     rate_strikes: int = 0
     suspended_until: float = 0.0
+    connections_good: int | None = None   # highest connection limit of a calm window that used it
+    rate_good: float | None = None        # highest rate limit of a calm window that used it
 
     @classmethod
     def at_ceiling(cls, ceiling: Limits) -> ControlState:
@@ -125,8 +144,8 @@ def decide(adaptive: Adaptive, ceiling: Limits, state: ControlState, window: Win
         state = replace(state, suspended_until=0.0)
     if not adaptive.enabled:
         target = ControlState.at_ceiling(ceiling)
-        moves = _diff(state, target, "recovery")
-        return Decision(replace(target, suspended_until=state.suspended_until), moves, "adaptive control is off")
+        return Decision(replace(target, suspended_until=state.suspended_until), _diff(state, target, "recovery"),
+                        "adaptive control is off")
     total = window.outcomes
     if total == 0:
         return Decision(state, (), "no traffic in the window")
@@ -147,7 +166,7 @@ def decide(adaptive: Adaptive, ceiling: Limits, state: ControlState, window: Win
             if new.connections != state.connections:
                 moves.append(Adjustment("connections", "connections", state.connections, new.connections))
         if rate_signal:
-            new = _cut_rate(new, adaptive, window)
+            new = _cut_rate(new, adaptive, window, rate_deferred=rate_deferred)
             reasons.append(f"{rate_deferred}/{total} outcomes deferred for rate or reputation")
             if new.rate != state.rate:
                 moves.append(Adjustment("rate", "rate", state.rate, new.rate))
@@ -155,6 +174,11 @@ def decide(adaptive: Adaptive, ceiling: Limits, state: ControlState, window: Win
 
     calm = state.calm + 1
     new = replace(state, calm=calm)
+    # A calm window that used a limit shows that level is fine: remember the highest such level.
+    if window.uses_connections(state.connections):
+        new = replace(new, connections_good=max(state.connections_good or 0, state.connections))
+    if state.rate is not None and window.uses_rate(state.rate):
+        new = replace(new, rate_good=max(state.rate_good or 0.0, state.rate))
     # A level that once drew signals and has now been calm for a while is no longer known-bad.
     if (state.connections_bad is not None and state.connections >= state.connections_bad
             and calm >= adaptive.calm_windows):
@@ -164,25 +188,48 @@ def decide(adaptive: Adaptive, ceiling: Limits, state: ControlState, window: Win
         new = replace(new, rate_bad=None, rate_strikes=0)
     state = new
     moves = []
-    conn_next = min(ceiling.max_connections, state.connections + adaptive.increase_step.connections)
-    if (conn_next > state.connections and window.uses_connections(state.connections)
-            and calm >= _needed(adaptive, state.connections_bad, conn_next, state.connection_strikes)):
+    conn_step = adaptive.increase_step.connections
+    good_conns = _climb_target(state.connections, state.connections_good, state.connections_bad)
+    if good_conns is not None:
+        # Back towards a level known to be good: halfway per calm window, at least one step.
+        conn_next = min(int(good_conns), max(state.connections + conn_step,
+                                             math.ceil((state.connections + good_conns) / 2)))
+        needed = 1
+    else:
+        conn_next = min(ceiling.max_connections, state.connections + conn_step)
+        needed = _needed(adaptive, state.connections_bad, conn_next, state.connection_strikes)
+    if conn_next > state.connections and window.uses_connections(state.connections) and calm >= needed:
         new = replace(new, connections=conn_next)
         moves.append(Adjustment("recovery", "connections", state.connections, conn_next))
     if (state.rate is not None and window.uses_rate(state.rate)
             and (ceiling.messages_per_second is None or state.rate < ceiling.messages_per_second)):
-        rate_next = state.rate + adaptive.increase_step.messages_per_second
-        if ceiling.messages_per_second is not None:
-            rate_next = min(rate_next, ceiling.messages_per_second)
-        elif state.rate_bad is not None and rate_next >= state.rate_bad * 4:
-            rate_next = None  # far above anything that was ever a problem: drop the self-imposed limit
-        if calm >= _needed(adaptive, state.rate_bad, rate_next, state.rate_strikes):
+        rate_step = adaptive.increase_step.messages_per_second
+        good_rate = _climb_target(state.rate, state.rate_good, state.rate_bad)
+        rate_next: float | None
+        if good_rate is not None:
+            rate_next = min(good_rate, max(state.rate + rate_step, (state.rate + good_rate) / 2))
+            needed = 1
+        else:
+            rate_next = state.rate + rate_step
+            if ceiling.messages_per_second is not None:
+                rate_next = min(rate_next, ceiling.messages_per_second)
+            elif state.rate_bad is not None and rate_next >= state.rate_bad * 4:
+                rate_next = None  # far above anything that was ever a problem: drop the self-imposed limit
+            needed = _needed(adaptive, state.rate_bad, rate_next, state.rate_strikes)
+        if calm >= needed:
             new = replace(new, rate=_round_rate(rate_next))
             moves.append(Adjustment("recovery", "rate", state.rate, new.rate))
     if moves:
         new = replace(new, calm=0)
         return Decision(new, tuple(moves), f"calm for {calm} windows")
     return Decision(new, (), f"calm for {calm} windows")
+
+
+def _climb_target(level: float, good: float | None, bad: float | None) -> float | None:
+    """The known-good level a limit climbs back to quickly, when it is below one (and below any known-bad)."""
+    if good is None or level >= good or (bad is not None and good >= bad):
+        return None
+    return good
 
 
 def _needed(adaptive: Adaptive, bad: float | None, next_value: float | None, strikes: int) -> int:
@@ -196,21 +243,33 @@ def _cut_connections(state: ControlState, adaptive: Adaptive) -> ControlState:
     old = state.connections
     new = max(adaptive.floor.connections, min(old - 1, math.floor(old * adaptive.decrease_factor)))
     bad, strikes = _remember(state.connections_bad, state.connection_strikes, old)
-    return replace(state, connections=new, connections_bad=bad, connection_strikes=strikes)
+    good = state.connections_good if state.connections_good is not None and state.connections_good < old else None
+    return replace(state, connections=new, connections_bad=int(bad), connection_strikes=strikes,
+                   connections_good=good)
 
 
-def _cut_rate(state: ControlState, adaptive: Adaptive, window: Window) -> ControlState:
+def _cut_rate(state: ControlState, adaptive: Adaptive, window: Window, *, rate_deferred: int) -> ControlState:
     accepted = window.delivered / window.seconds if window.seconds > 0 else 0.0
     old = state.rate
+    good = state.rate_good
     if old is None:
         # No rate limit so far: the provider accepted `accepted` per second while deferring the rest.
         new = max(adaptive.floor.messages_per_second, accepted * adaptive.decrease_factor if accepted else 1.0)
         reference = max(accepted, new)
+    elif window.deferred_connections > rate_deferred:
+        # Mostly connection deferrals: the goodput is not the provider's rate. Cut by the share deferred at
+        # the provider's rate check, gently; a known-good level stays known (this is weak evidence).
+        share = rate_deferred / (window.delivered + rate_deferred)
+        factor = min(MAX_RATE_CUT, max(adaptive.decrease_factor, 1.0 - share))
+        new = max(adaptive.floor.messages_per_second, old * factor)
+        reference = old
     else:
         new = max(adaptive.floor.messages_per_second, old * MIN_RATE_CUT, min(old * MAX_RATE_CUT, accepted))
         reference = old
+        if good is not None and good >= old:
+            good = None   # the provider now defers at a level that was fine: it moved down
     bad, strikes = _remember(state.rate_bad, state.rate_strikes, reference)
-    return replace(state, rate=_round_rate(new), rate_bad=bad, rate_strikes=strikes)
+    return replace(state, rate=_round_rate(new), rate_bad=bad, rate_strikes=strikes, rate_good=good)
 
 
 def _remember(bad: float | None, strikes: int, level: float) -> tuple[float, int]:

@@ -53,6 +53,23 @@ async def test_deferrals_in_telemetry_tighten_the_live_limit(redis_client: aiore
     assert later.decision.state.connections == 9
 
 
+async def test_known_good_levels_live_in_redis_between_windows(redis_client: aioredis.Redis) -> None:
+    p = adaptive_policy(maxConnections=20, messagesPerSecond=200)
+    await publish_policies(redis_client, [p])
+    await redis_client.hset(keys.limits("ms"), mapping={"maxConnections": 5, "messagesPerSecond": 30,
+                                                        "connectionsGood": 8, "rateGood": 50})
+    now = time.time()
+    for second in range(int(now) - 4, int(now) - 1):
+        await redis_client.hset(keys.telemetry("ms", second), mapping={"delivered": 30})
+    loop = AdaptiveLoop(redis_client, lambda: {"ms": p}, clock=lambda: now)
+    evaluation = await loop.evaluate("ms", p, now=now, seconds=3)
+    # one calm window that used both limits: halfway back to the known-good levels
+    assert (evaluation.decision.state.connections, evaluation.decision.state.rate) == (7, 40.0)
+    raw = await redis_client.hgetall(keys.limits("ms"))
+    assert (raw[b"maxConnections"], raw[b"messagesPerSecond"]) == (b"7", b"40")
+    assert (raw[b"connectionsGood"], raw[b"rateGood"]) == (b"8", b"50")
+
+
 async def test_closed_loop_finds_a_providers_connection_limit(redis_server: EmbeddedRedis, redis_client,
                                                               tmp_path: Path) -> None:
     async with ProviderSimulator(SimConfig(profile="outlook", max_connections=4, latency=0.1)) as sim:
