@@ -12,9 +12,15 @@ load from
 3. (unless ``--no-tuned``) the same Postfix hand-tuned to 5 connections per destination.
 
 The load is ``smtp-source -s 20 -m N -l 2048 -d -f app@example.com -t u@outlook.test``. Every second
-the script samples the live limits (Redis hash ``mxg:{p:microsoft}:limits``; absent = ceiling) and the
-simulator's /report (accepted messages, deferrals by kind, open connections). The simulator's counters
-are reset (POST /reset) between phases.
+the script samples the live limits (Redis hash ``mxg:{p:microsoft}:limits``; absent = ceiling), mxgate's
+queue (jobs accepted and not yet delivered: ZCARD of ``mxg:{p:microsoft}:q``) and the simulator's
+/report (accepted messages, deferrals by kind, open connections). The simulator's counters are reset
+(POST /reset) between phases.
+
+The policy's throttled retries are short (``retry: {throttledDelay: 1s, throttledMaxDelay: 5s}``): a
+message deferred for too many connections or too high a rate comes back within seconds, and the fleet
+limiter paces it (the default ladder, 5 s doubling up to 5 minutes, strands mail refused a few times
+during the first seconds long after the limits are right).
 
     python3 bench/adaptive_demo.py                              # ~10 minutes (Postfix passes are capped)
     python3 bench/adaptive_demo.py --json /tmp/adaptive.json --postfix-cap 300
@@ -22,7 +28,15 @@ are reset (POST /reset) between phases.
 
 Figures: deferral % = simulator deferrals / (simulator accepted + simulator deferrals), i.e. the share
 of attempts the provider refused; goodput = accepted / duration. "After convergence" = from
-``--converge`` seconds (30) after the start to the end, from the per-second samples.
+``--converge`` seconds (30) after the start, from the per-second samples, over two spans:
+
+* while there is a backlog (the target's figure): up to the last sample at which mxgate's queue still
+  held at least one second of the provider's rate (50 messages). Past that point goodput falls because
+  the 3,000 messages run out, not because of mxgate's limits;
+* to the last delivery (printed too): includes the tail, where the last few messages trickle in.
+
+Postfix's queue is not sampled; its passes are capped long before its backlog runs out, so its spans
+both end at the cap.
 """
 
 from __future__ import annotations
@@ -59,6 +73,7 @@ REPO = Path(__file__).resolve().parent.parent
 PROVIDER = "microsoft"
 REAL_CONNECTIONS, REAL_RATE = 5, 50.0
 CEIL_CONNECTIONS, CEIL_RATE = 20, 200.0
+BACKLOG = int(REAL_RATE)   # queued messages: one second of the provider's rate
 
 POLICY = """\
 apiVersion: mxgate.io/v1alpha1
@@ -68,7 +83,7 @@ spec:
   match: {{domains: [outlook.test]}}
   route: {{hosts: ["{host}:{port}"]}}
   limits: {{maxConnections: {conns}, maxMessagesPerConnection: 1000, messagesPerSecond: {rate}}}
-  retry: {{throttledDelay: 2s}}
+  retry: {{throttledDelay: 1s, throttledMaxDelay: 5s}}
 """
 
 TUNED = "\n# hand-tuned to the provider's 5 connections\n" \
@@ -103,15 +118,19 @@ def measure(label: str, http_port: int, source_argv: list[str], manager: Process
     start_epoch = time.time()
     load = manager.start(f"smtp-source-{label}", source_argv)
     capped = False
+    source_done: float | None = None
     while True:
         t = time.monotonic() - started
         row = sample_of(t, sim_report(http_port))
         if extra is not None:
             row.update(extra())
         samples.append(row)
+        if source_done is None and load.popen.poll() is not None:
+            source_done = t
         limits = f" limits {row['maxConnections']}c/{row['messagesPerSecond']:g}/s" if "maxConnections" in row else ""
+        queued = f" queued {row['queued']}" if "queued" in row else ""
         log(f"  [{label}] {t:5.0f}s accepted {row['accepted']}/{messages} deferrals conn={row['def_connections']} "
-            f"rate={row['def_rate']} total={row['def_total']} open={row['open']}{limits}")
+            f"rate={row['def_rate']} total={row['def_total']} open={row['open']}{limits}{queued}")
         if row["accepted"] >= messages:
             break
         if t > cap:
@@ -125,28 +144,38 @@ def measure(label: str, http_port: int, source_argv: list[str], manager: Process
         load.popen.wait(timeout=5) if not capped else None
     source_rc = load.popen.poll()
     return {"label": label, "start_epoch": start_epoch, "samples": samples, "capped": capped,
-            "smtp_source_status": source_rc, "final_report": final}
+            "smtp_source_status": source_rc, "smtp_source_done_s": source_done, "final_report": final}
 
 
-def figures(run: dict[str, Any], converge: float | None) -> dict[str, Any]:
+def span_figures(first: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
+    """Deliveries, deferrals and goodput between two samples."""
+    a, d = last["accepted"] - first["accepted"], last["def_total"] - first["def_total"]
+    span = last["t"] - first["t"]
+    return {"from_s": round(first["t"], 1), "to_s": round(last["t"], 1), "accepted": a, "deferrals": d,
+            "deferral_pct": 100.0 * d / (a + d) if a + d else 0.0, "goodput": a / span if span else 0.0}
+
+
+def figures(run: dict[str, Any], converge: float, backlog: int) -> dict[str, Any]:
     s = run["samples"]
     end = s[-1]
     duration = end["t"]
     acc, dfr = end["accepted"], end["def_total"]
-    out = {"duration_s": round(duration, 1), "accepted": acc, "deferrals": dfr,
-           "deferrals_connections": end["def_connections"], "deferrals_rate": end["def_rate"],
-           "deferral_pct": 100.0 * dfr / (acc + dfr) if acc + dfr else 0.0,
-           "goodput": acc / duration if duration else 0.0, "capped": run["capped"]}
-    if converge is not None:
-        after = [x for x in s if x["t"] >= converge]
-        if len(after) >= 2:
-            first = after[0]
-            a, d = end["accepted"] - first["accepted"], end["def_total"] - first["def_total"]
-            span = end["t"] - first["t"]
-            out.update({"converged_from_s": round(first["t"], 1), "converged_span_s": round(span, 1),
-                        "converged_accepted": a, "converged_deferrals": d,
-                        "converged_deferral_pct": 100.0 * d / (a + d) if a + d else 0.0,
-                        "converged_goodput": a / span if span else 0.0})
+    out: dict[str, Any] = {
+        "duration_s": round(duration, 1), "accepted": acc, "deferrals": dfr,
+        "deferrals_connections": end["def_connections"], "deferrals_rate": end["def_rate"],
+        "deferral_pct": 100.0 * dfr / (acc + dfr) if acc + dfr else 0.0,
+        "goodput": acc / duration if duration else 0.0, "capped": run["capped"]}
+    after = [x for x in s if x["t"] >= converge]
+    if len(after) < 2:
+        return out
+    out["to_end"] = span_figures(after[0], end)
+    if "queued" in after[0]:
+        # The target's span ends where mxgate's backlog fell below one second of the provider's rate.
+        held = [x for x in after if x["queued"] >= backlog]
+        if len(held) >= 2:
+            out["with_backlog"] = span_figures(after[0], held[-1])
+    else:
+        out["with_backlog"] = out["to_end"]   # not sampled (Postfix): its backlog outlasts the cap
     return out
 
 
@@ -180,11 +209,14 @@ def run_mxgate(args: argparse.Namespace, manager: ProcessManager, tmp: Path, sim
     limits_key = f"mxg:{{p:{PROVIDER}}}:limits"
     adjustments_key = f"mxg:{{p:{PROVIDER}}}:adjustments"
 
+    queue_key = f"mxg:{{p:{PROVIDER}}}:q"
+
     def live_limits() -> dict[str, Any]:
         raw = {k.decode(): v.decode() for k, v in r.hgetall(limits_key).items()}
         conns = int(raw["maxConnections"]) if raw.get("maxConnections") else CEIL_CONNECTIONS
         rate = float(raw["messagesPerSecond"]) if raw.get("messagesPerSecond") else CEIL_RATE
-        return {"maxConnections": conns, "messagesPerSecond": rate, "reason": raw.get("reason", "")}
+        return {"maxConnections": conns, "messagesPerSecond": rate, "reason": raw.get("reason", ""),
+                "queued": int(r.zcard(queue_key))}
 
     time.sleep(1.0)
     sim_reset(sim_http)
@@ -224,6 +256,17 @@ def run_postfix(args: argparse.Namespace, manager: ProcessManager, tmp: Path, si
     return run
 
 
+RUN_STYLES = (("mxgate", "tab:green", "mxgate"), ("postfix", "tab:gray", "Postfix (defaults)"),
+              ("postfix-tuned", "tab:purple", "Postfix (5 connections)"))
+
+
+def per_second(samples: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """A counter sampled about once a second, as a rate per second (at the end of each interval)."""
+    pairs = list(zip(samples, samples[1:], strict=False))
+    return [b["t"] for _, b in pairs], [(b[key] - a[key]) / (b["t"] - a["t"]) if b["t"] > a["t"] else 0.0
+                                        for a, b in pairs]
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -232,53 +275,73 @@ def plot(result: dict[str, Any], path: Path) -> None:
     mx = result["runs"]["mxgate"]
     s = mx["samples"]
     t = [x["t"] for x in s]
-    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, sharex=True, figsize=(10, 9.5))
+    xmax = max(t[-1] + 1, result["converge_s"] + 5)
+    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, sharex=True, figsize=(10, 10))
     # Panel 1: live limits vs the provider's real ones.
-    ax1.step(t, [x["maxConnections"] for x in s], where="post", color="tab:blue", label="live maxConnections")
-    ax1.axhline(REAL_CONNECTIONS, color="tab:blue", ls="--", lw=1, label=f"provider's real limit ({REAL_CONNECTIONS})")
+    ax1.step(t, [x["maxConnections"] for x in s], where="post", color="tab:blue", lw=1.8,
+             label="live maxConnections (left axis)")
+    ax1.axhline(REAL_CONNECTIONS, color="tab:blue", ls="--", lw=1,
+                label=f"provider's real limit, {REAL_CONNECTIONS} connections")
     ax1.set_ylabel("connections", color="tab:blue")
     ax1.set_ylim(0, CEIL_CONNECTIONS * 1.1)
     ax1b = ax1.twinx()
-    ax1b.step(t, [x["messagesPerSecond"] for x in s], where="post", color="tab:red", label="live messagesPerSecond")
-    ax1b.axhline(REAL_RATE, color="tab:red", ls="--", lw=1, label=f"provider's real rate ({REAL_RATE:g}/s)")
+    ax1b.step(t, [x["messagesPerSecond"] for x in s], where="post", color="tab:red", lw=1.8,
+              label="live messagesPerSecond (right axis)")
+    ax1b.axhline(REAL_RATE, color="tab:red", ls="--", lw=1, label=f"provider's real rate, {REAL_RATE:g}/s")
     ax1b.set_ylabel("messages / s", color="tab:red")
     ax1b.set_ylim(0, CEIL_RATE * 1.1)
     h1, l1 = ax1.get_legend_handles_labels()
     h2, l2 = ax1b.get_legend_handles_labels()
     ax1.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=8)
-    ax1.set_title(f"mxgate live limits (policy ceilings {CEIL_CONNECTIONS} connections, {CEIL_RATE:g} msg/s)")
-    # Panel 2: delivered per second (simulator's exact per-second series).
-    for key, style, name in (("mxgate", "tab:green", "mxgate"), ("postfix", "tab:gray", "Postfix (defaults)"),
-                             ("postfix-tuned", "tab:purple", "Postfix (5 connections)")):
+    ax1.set_title(f"mxgate's live limits (policy ceilings {CEIL_CONNECTIONS} connections, {CEIL_RATE:g} msg/s; "
+                  "the provider's are not told)")
+    # Panel 2: delivered per second (the simulator's exact per-second series), mxgate's queue.
+    for key, colour, name in RUN_STYLES:
         run = result["runs"].get(key)
         if not run:
             continue
         series = dict(run["final_report"]["accepted_per_second"])
         base = int(run["start_epoch"])
-        end = int(run["start_epoch"] + run["samples"][-1]["t"]) + 1
-        xs = list(range(base, end + 1))
-        ax2.plot([x - run["start_epoch"] for x in xs], [series.get(x, 0) for x in xs], color=style,
-                 lw=1.8 if key == "mxgate" else 1.0, label=name, drawstyle="steps-post")
+        last = int(run["start_epoch"] + run["samples"][-1]["t"]) + 1
+        xs = list(range(base, last + 1))
+        ax2.plot([x - run["start_epoch"] for x in xs], [series.get(x, 0) for x in xs], color=colour,
+                 lw=1.8 if key == "mxgate" else 1.2, label=name, drawstyle="steps-post")
     ax2.axhline(REAL_RATE, color="tab:red", ls="--", lw=1, label=f"provider's rate {REAL_RATE:g}/s")
-    ax2.axhline(0.9 * REAL_RATE, color="tab:orange", ls=":", lw=1, label="target ≥ 90 % (45/s)")
+    ax2.axhline(0.9 * REAL_RATE, color="tab:orange", ls=":", lw=1.2, label="target ≥ 90 % (45/s)")
+    span = result["figures"]["mxgate"].get("with_backlog")
+    if span:
+        ax2.axvspan(span["from_s"], span["to_s"], color="tab:green", alpha=0.08,
+                    label=f"measured after convergence: {span['goodput']:.1f}/s, {span['deferral_pct']:.2f} % deferred")
     ax2.set_ylabel("delivered / s")
-    ax2.legend(loc="upper right", fontsize=8)
-    ax2.set_title("messages accepted by the provider per second")
-    # Panel 3: deferrals per second (mxgate), from the 1 s samples.
-    dt = [b["t"] - a["t"] for a, b in zip(s, s[1:], strict=False)]
-    tc = t[1:]
-    for key, colour, name in (("def_connections", "tab:blue", "connection limit (4.7.652)"),
-                              ("def_rate", "tab:red", "rate limit (4.7.650)")):
-        vals = [(b[key] - a[key]) / d if d else 0 for a, b, d in zip(s, s[1:], dt, strict=False)]
-        ax3.plot(tc, vals, color=colour, label=name, drawstyle="steps-pre")
-    ax3.axvline(result["converge_s"], color="k", ls=":", lw=1)
-    ax2.axvline(result["converge_s"], color="k", ls=":", lw=1)
-    ax1.axvline(result["converge_s"], color="k", ls=":", lw=1)
+    ax2.set_ylim(0, max(REAL_RATE * 1.6, ax2.get_ylim()[1]))
+    ax2b = ax2.twinx()
+    ax2b.plot(t, [x.get("queued", 0) for x in s], color="tab:green", ls="--", lw=0.9,
+              label="mxgate queue (right axis)")
+    ax2b.set_ylabel("messages queued in mxgate", color="tab:green")
+    ax2b.set_ylim(0, result["messages"] * 1.05)
+    h1, l1 = ax2.get_legend_handles_labels()
+    h2, l2 = ax2b.get_legend_handles_labels()
+    ax2.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=8, ncol=2)
+    ax2.set_title("messages accepted by the provider per second (same load, same simulator; Postfix passes "
+                  "ran after mxgate's)", fontsize=10)
+    # Panel 3: deferrals per second, from the 1 s samples: mxgate by kind, Postfix in total.
+    tc, conn = per_second(s, "def_connections")
+    ax3.plot(tc, conn, color="tab:blue", lw=1.6, label="mxgate: connection limit (4.7.652)", drawstyle="steps-pre")
+    tc, rate = per_second(s, "def_rate")
+    ax3.plot(tc, rate, color="tab:red", lw=1.6, label="mxgate: rate limit (4.7.650)", drawstyle="steps-pre")
+    for key, colour, name in RUN_STYLES[1:]:
+        run = result["runs"].get(key)
+        if run:
+            tp, total = per_second(run["samples"], "def_total")
+            ax3.plot(tp, total, color=colour, lw=1.0, label=f"{name}: all deferrals", drawstyle="steps-pre")
     ax3.set_ylabel("deferrals / s")
-    ax3.set_xlabel("seconds since smtp-source started (dotted line: convergence deadline)")
+    ax3.set_xlabel("seconds since smtp-source started (dotted line: convergence deadline; Postfix passes "
+                   "continue past the right edge)")
     ax3.legend(loc="upper right", fontsize=8)
-    ax3.set_title("mxgate: deferrals per second by the provider")
-    ax3.set_xlim(0, max(t[-1], 1))
+    ax3.set_title("deferrals per second by the provider")
+    for ax in (ax1, ax2, ax3):
+        ax.axvline(result["converge_s"], color="k", ls=":", lw=1)
+    ax3.set_xlim(0, xmax)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -306,16 +369,19 @@ def machine() -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     head = ("system", "duration s", "accepted", "deferral % (whole run)", "goodput msg/s (whole run)",
-            "deferral % (after 30 s)", "goodput msg/s (after 30 s)")
+            "deferral % (after 30 s, backlog)", "goodput msg/s (after 30 s, backlog)",
+            "span after 30 s", "deferral % / goodput (after 30 s, to the end)")
     rows = []
     names = {"mxgate": "mxgate (2 gateways, adaptive)", "postfix": "Postfix, defaults",
              "postfix-tuned": "Postfix, 5 connections"}
     for key, f in result["figures"].items():
-        conv = ("{:.2f}".format(f["converged_deferral_pct"]), "{:.1f}".format(f["converged_goodput"])) \
-            if "converged_goodput" in f else ("—", "—")
+        b, e = f.get("with_backlog"), f.get("to_end")
+        backlog = (f"{b['deferral_pct']:.2f}", f"{b['goodput']:.1f}", f"{b['from_s']:.0f}–{b['to_s']:.0f} s") \
+            if b else ("—", "—", "—")
+        to_end = f"{e['deferral_pct']:.2f} % / {e['goodput']:.1f}" if e else "—"
         capped = " (cap)" if f["capped"] else ""
         rows.append((names[key], f"{f['duration_s']:.0f}{capped}", f"{f['accepted']}", f"{f['deferral_pct']:.1f}",
-                     f"{f['goodput']:.1f}", *conv))
+                     f"{f['goodput']:.1f}", *backlog, to_end))
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + " |" for r in [head, *rows]]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -359,13 +425,13 @@ def main() -> int:
             if args.only in (None, "mxgate"):
                 run = run_mxgate(args, manager, tmp, sim_port, sim_http, source)
                 result["runs"]["mxgate"] = run
-                result["figures"]["mxgate"] = figures(run, args.converge)
+                result["figures"]["mxgate"] = figures(run, args.converge, BACKLOG)
                 time.sleep(2.0)   # let the provider's bucket refill and connections close
             if args.only in (None, "postfix"):
                 for tuned in ((False,) if args.no_tuned else (False, True)):
                     run = run_postfix(args, manager, tmp, sim_port, sim_http, source, tuned)
                     result["runs"][run["label"]] = run
-                    result["figures"][run["label"]] = figures(run, None)
+                    result["figures"][run["label"]] = figures(run, args.converge, BACKLOG)
                     time.sleep(2.0)
         ok = True
     finally:
@@ -378,13 +444,22 @@ def main() -> int:
           f"'outlook' allowing {REAL_CONNECTIONS} connections and {REAL_RATE:g} msg/s per IP")
     print(table(result))
     mxf = result["figures"].get("mxgate")
-    if mxf and "converged_goodput" in mxf:
-        dpct, gp = mxf["converged_deferral_pct"], mxf["converged_goodput"]
-        met_d, met_g = dpct < 2.0, gp >= 0.9 * REAL_RATE
-        result["targets"] = {"deferral_pct_lt_2": met_d, "goodput_ge_45": met_g}
-        print(f"\ntargets after convergence ({args.converge:g} s): deferrals < 2 % -> {dpct:.2f} % "
-              f"{'MET' if met_d else 'MISSED'}; goodput >= {0.9 * REAL_RATE:g}/s -> {gp:.1f}/s "
-              f"{'MET' if met_g else 'MISSED'}")
+    if mxf:
+        span = mxf.get("with_backlog")
+        if span:
+            dpct, gp = span["deferral_pct"], span["goodput"]
+            met_d, met_g = dpct < 2.0, gp >= 0.9 * REAL_RATE
+            result["targets"] = {"deferral_pct_lt_2": met_d, "goodput_ge_45": met_g}
+            print(f"\ntargets after convergence ({span['from_s']:g}–{span['to_s']:g} s, while mxgate's queue held "
+                  f">= {BACKLOG} messages): deferrals < 2 % -> {dpct:.2f} % {'MET' if met_d else 'MISSED'}; "
+                  f"goodput >= {0.9 * REAL_RATE:g}/s -> {gp:.1f}/s {'MET' if met_g else 'MISSED'}")
+        else:
+            result["targets"] = None
+            print(f"\ntargets after convergence: NOT MEASURED (mxgate's queue fell below {BACKLOG} messages "
+                  f"before {args.converge:g} s, or the run was too short)")
+        done = result["runs"]["mxgate"].get("smtp_source_done_s")
+        when = f"{done:.0f} s" if done is not None else "the end"
+        print(f"smtp-source finished handing the {args.messages} messages to mxgate at {when}")
         adj = result["runs"]["mxgate"]["adjustments"]
         print(f"\ncontroller adjustments ({len(adj)}), oldest first, t = seconds since smtp-source started:")
         start = result["runs"]["mxgate"]["start_epoch"]
