@@ -17,11 +17,20 @@ import fnmatch
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from mxgate.errors import PolicyError
@@ -118,7 +127,8 @@ class Limits(_Model):
     messages_per_hour: int | None = Field(
         default=None, ge=1, description="Cap on messages per clock hour, fleet-wide (IP warm-up); unset: none.")
     messages_per_day: int | None = Field(
-        default=None, ge=1, description="Cap on messages per UTC day, fleet-wide (IP warm-up); unset: none.")
+        default=None, ge=1, description="Cap on messages per UTC day, fleet-wide; unset: none. A warm-up "
+        "(spec.warmup) caps the day lower while it lasts.")
     idle_timeout_seconds: float = Field(
         default=5.0, gt=0, le=3600, description="An idle connection is closed after this many seconds."
     )
@@ -188,6 +198,66 @@ class Adaptive(_Model):
         "back to a level that drew deferrals draws them again (damping).")
 
 
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def _calendar_date(value: object) -> object:
+    # Only "YYYY-MM-DD" (or a date YAML already parsed): pydantic alone would also take a datetime with
+    # zero time or a Unix timestamp, which the CRD (format: date) refuses; both must agree.
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return value
+    if isinstance(value, str) and _DATE_RE.match(value.strip()):
+        return value.strip()
+    raise ValueError("must be a calendar date written YYYY-MM-DD, e.g. 2026-11-01")
+
+
+CalendarDate = Annotated[date, BeforeValidator(_calendar_date)]
+
+
+class WarmupStep(_Model):
+    """One step of a warm-up ramp: from its day on, at most messagesPerDay messages a day."""
+
+    day: int = Field(
+        ge=1, le=366,
+        description="Day of the warm-up the step starts on; day 1 is startDate. The step lasts until the day "
+        "before the next step's; the last step lasts its day only.")
+    messages_per_day: int = Field(
+        ge=1, le=100_000_000,
+        description="Messages to this provider per UTC day, fleet-wide, while the step lasts.")
+
+
+class Warmup(_Model):
+    """A daily volume ramp for new sending IPs: each UTC day's volume is capped by the step in force.
+
+    On day N of the ramp (day 1 is ``startDate``) the day's cap is the volume of the last step whose
+    ``day`` is at most N (and never above ``limits.messagesPerDay``). Before ``startDate`` the first
+    step's volume applies, so an IP that starts early still starts slowly. After the last step's day the
+    warm-up is over and only ``limits.messagesPerDay`` caps the day. Mail over a day's cap waits in the
+    queue for the next day.
+    """
+
+    start_date: CalendarDate = Field(
+        description='Day 1 of the ramp, a UTC calendar date "YYYY-MM-DD". Before it, the first step\'s '
+        "volume applies.")
+    schedule: Annotated[list[WarmupStep], Field(min_length=1, max_length=100)] = Field(
+        description="The steps, by increasing day, starting on day 1, with volumes that never decrease, e.g. "
+        "[{day: 1, messagesPerDay: 200}, {day: 2, messagesPerDay: 500}, {day: 4, messagesPerDay: 2000}].")
+
+    @field_validator("schedule")
+    @classmethod
+    def _ramp(cls, steps: list[WarmupStep]) -> list[WarmupStep]:
+        if steps[0].day != 1:
+            raise ValueError(f"schedule[0].day must be 1 (the startDate), not {steps[0].day}")
+        for i in range(1, len(steps)):
+            before, step = steps[i - 1], steps[i]
+            if step.day <= before.day:
+                raise ValueError(f"schedule[{i}].day must be greater than schedule[{i - 1}].day ({before.day})")
+            if step.messages_per_day < before.messages_per_day:
+                raise ValueError(f"schedule[{i}].messagesPerDay must not be less than "
+                                 f"schedule[{i - 1}].messagesPerDay ({before.messages_per_day}): a ramp goes up")
+        return steps
+
+
 ResponseAction = Literal["TightenConnections", "TightenRate", "Suspend", "Bounce", "Retry"]
 
 
@@ -229,6 +299,11 @@ class ProviderPolicySpec(_Model):
     responses: list[ResponseRule] = Field(
         default_factory=list, max_length=64,
         description="Reply rules tried before the built-in ones (reference replies).")
+    warmup: Warmup | None = Field(
+        default=None,
+        description="A daily volume ramp for new sending IPs: on each UTC day of the ramp at most the volume of "
+        "the step in force goes to this provider (and never more than limits.messagesPerDay); the rest waits "
+        "queued for the next day. Unset: no ramp.")
 
     @model_validator(mode="after")
     def _floor_below_ceiling(self) -> ProviderPolicySpec:
@@ -321,9 +396,20 @@ def parse_policy(document: Mapping[str, Any], *, source: str) -> ProviderPolicy:
         raise PolicyError(format_validation_error(source, exc)) from exc
 
 
+class _PolicyLoader(yaml.SafeLoader):  # type: ignore[misc]  # (PyYAML has no type stubs here)
+    """Safe YAML as kubectl reads it: an unquoted date (``startDate: 2026-11-01``) stays a string for the
+    model to check; PyYAML's own date parsing would turn 2026-11-31 into a traceback instead."""
+
+
+_PolicyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
 def load_policy_file(path: Path) -> list[ProviderPolicy]:
     try:
-        documents = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+        documents = [d for d in yaml.load_all(path.read_text(encoding="utf-8"), Loader=_PolicyLoader)
+                     if d is not None]
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read: {exc.strerror}") from exc
     except yaml.YAMLError as exc:

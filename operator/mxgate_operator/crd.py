@@ -47,6 +47,18 @@ SPEC_RULES = [
     {"rule": "!has(self.responses) || self.responses.all(r, (r.action == 'Suspend') == has(r.duration))",
      "fieldPath": ".responses",
      "message": "responses[].duration is required for action Suspend and only allowed there"},
+    # The warm-up ramp's order, as the model checks it. CEL's all() has no index, so "days strictly
+    # increase" is: the day numbers are sorted and each occurs once.
+    {"rule": "!has(self.warmup) || size(self.warmup.schedule) == 0 || self.warmup.schedule[0].day == 1",
+     "fieldPath": ".warmup.schedule",
+     "message": "warmup.schedule[0].day must be 1 (the startDate)"},
+    {"rule": "!has(self.warmup) || (self.warmup.schedule.map(s, s.day).isSorted() && "
+             "self.warmup.schedule.all(a, self.warmup.schedule.exists_one(b, b.day == a.day)))",
+     "fieldPath": ".warmup.schedule",
+     "message": "warmup.schedule[].day must increase from one step to the next"},
+    {"rule": "!has(self.warmup) || self.warmup.schedule.map(s, s.messagesPerDay).isSorted()",
+     "fieldPath": ".warmup.schedule",
+     "message": "warmup.schedule[].messagesPerDay must not decrease from one step to the next: a ramp goes up"},
 ]
 
 

@@ -47,4 +47,8 @@ def test_structural_schema_shape() -> None:
     assert spec["properties"]["adaptive"]["default"] == {}          # nested defaults apply
     assert spec["properties"]["limits"]["properties"]["maxConnections"]["default"] == 10
     assert {r["fieldPath"] for r in spec["x-kubernetes-validations"]} == {
-        ".adaptive.floor.connections", ".adaptive.floor.messagesPerSecond", ".responses"}
+        ".adaptive.floor.connections", ".adaptive.floor.messagesPerSecond", ".responses", ".warmup.schedule"}
+    warmup = spec["properties"]["warmup"]
+    assert "default" not in warmup and warmup["required"] == ["startDate", "schedule"]   # absent: no ramp
+    assert warmup["properties"]["startDate"] == {
+        "description": warmup["properties"]["startDate"]["description"], "format": "date", "type": "string"}
