@@ -174,10 +174,15 @@ class AdaptiveLoop:
         """
         now = self.clock()
         raw = await self.redis.hgetall(keys.limits(policy.name))
-        state = _state_from_redis(raw, policy)
+        state = _state_from_redis(raw, policy)   # already within the new ceiling
         # An empty window: decide() only clamps to the ceiling, expires suspensions, honours `enabled`.
         decision = decide(policy.spec.adaptive, policy.spec.limits, state, Window(seconds=0.0), now=now)
-        moves = tuple(_moves(state, decision.state))
+        try:   # what the hash said before, unclamped, for the record of the move
+            stored = ControlState(connections=int(raw.get(b"maxConnections") or state.connections),
+                                  rate=float(raw[b"messagesPerSecond"]) if raw.get(b"messagesPerSecond") else None)
+        except ValueError:
+            stored = state
+        moves = tuple(_moves(stored, decision.state)) if raw else ()
         decision = Decision(decision.state, moves, "policy changed" if moves else decision.reason)
         if moves or not raw:
             await self._write(policy.name, decision, now=now)

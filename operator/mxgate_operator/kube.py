@@ -153,12 +153,12 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     resource = (GROUP, VERSION, PLURAL)
 
-    @kopf.on.login(registry=registry)
+    @kopf.on.login(id="login", registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         # In a pod: the ServiceAccount token; elsewhere: $KUBECONFIG or ~/.kube/config.
         return kopf.login_via_client(**kwargs)
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(id="configure", registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
@@ -171,19 +171,19 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         await redis.ping()
         memo.runtime = Runtime(redis=redis, loop=AdaptiveLoop(redis, dict), identity=socket.gethostname())
 
-    @kopf.on.cleanup(registry=registry)
+    @kopf.on.cleanup(id="close", registry=registry)
     async def close(memo: kopf.Memo, **_: Any) -> None:
         runtime: Runtime | None = getattr(memo, "runtime", None)
         if runtime is not None:
             await runtime.redis.aclose()
 
-    @kopf.index(*resource, registry=registry)
+    @kopf.index(*resource, id="policy_index", registry=registry)
     def policy_index(name: str, body: kopf.Body, **_: Any) -> dict[str, Parsed]:
         return {name: parse_object(body)}
 
-    @kopf.on.resume(*resource, registry=registry)
-    @kopf.on.create(*resource, registry=registry)
-    @kopf.on.update(*resource, field="spec", registry=registry)
+    @kopf.on.resume(*resource, id="reconcile", registry=registry)
+    @kopf.on.create(*resource, id="reconcile", registry=registry)
+    @kopf.on.update(*resource, id="reconcile", field="spec", registry=registry)
     async def reconcile(name: str, body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
                         memo: kopf.Memo, policy_index: kopf.Index[str, Parsed], **_: Any) -> None:
         runtime: Runtime = memo.runtime
@@ -202,7 +202,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         patch.status.update(policy_status(generation=generation, ceiling=entry.policy.spec.limits,
                                           observation=observation, previous=status, now=time.time()))
 
-    @kopf.on.delete(*resource, registry=registry)
+    @kopf.on.delete(*resource, id="remove", registry=registry)
     async def remove(name: str, memo: kopf.Memo, policy_index: kopf.Index[str, Parsed], logger: logging.Logger,
                      **_: Any) -> None:
         runtime: Runtime = memo.runtime
@@ -211,7 +211,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         runtime.loop.forget(name)
         logger.info(f"policy {name} removed from the table ({len(remaining)} left); {cleared} Redis keys deleted")
 
-    @kopf.timer(*resource, interval=TICK, registry=registry)
+    @kopf.timer(*resource, id="control", interval=TICK, registry=registry)
     async def control(name: str, body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
                       memo: kopf.Memo, policy_index: kopf.Index[str, Parsed], **_: Any) -> None:
         runtime: Runtime = memo.runtime

@@ -17,6 +17,9 @@ queue_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("mxgat
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is logged as a field.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+# kopf's object loggers attach its whole settings object and an Event-posting flag to every record: noise
+# in a log line. Its object reference becomes "object": "<namespace>/<name>".
+_DROPPED = {"settings", "k8s_skip", "k8s_ref"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,7 +33,10 @@ class JsonFormatter(logging.Formatter):
         qid = queue_id_var.get()
         if qid is not None:
             entry["qid"] = qid
-        extra = record.__dict__.keys() - _STANDARD
+        ref = record.__dict__.get("k8s_ref")
+        if isinstance(ref, dict):
+            entry["object"] = "/".join(filter(None, (ref.get("namespace"), ref.get("name"))))
+        extra = record.__dict__.keys() - _STANDARD - _DROPPED
         for key in extra:
             if not key.startswith("_"):
                 value = record.__dict__[key]
