@@ -7,7 +7,10 @@
      ├── RoutingError                the next hop could not be determined
      │    ├── DnsTemporaryError      SERVFAIL, timeout: the job is deferred (4.4.3)
      │    └── DnsPermanentError      NXDOMAIN, null MX (RFC 7505): the job bounces (5.1.2 / 5.1.10)
-     └── DeliveryError               the remote side could not be reached or spoke nonsense (deferred)
+     ├── DeliveryError               the remote side could not be reached or spoke nonsense (deferred)
+     ├── LimiterUnavailable          (limits.fleet) Redis could not grant a lease or permit: send later
+     └── CapReached                  (limits.fleet) the hour's or day's cap (a warm-up day) is used up:
+                                     the mail stays queued until it resets
 
 Errors that end up in an SMTP reply carry ``code`` and ``enhanced`` so the adapter that speaks SMTP never
 has to guess. Library errors (redis, dnspython, aiosmtplib) are translated at the boundary and chained

@@ -36,6 +36,7 @@ from mxgate.policy import (
     ProviderTable,
     ResponseRule,
     Retry,
+    Warmup,
     parse_duration,
 )
 
@@ -55,6 +56,7 @@ class PolicyBook:
         self._on_wake: list[Callable[[str], None]] = []
         self._on_free: list[Callable[[str], None]] = []
         self._on_limits: list[Callable[[str], None]] = []
+        self._on_policies: list[Callable[[], None]] = []
         self._schedules: dict[Retry, RetrySchedule] = {}
         self._rules: dict[tuple[ResponseRule, ...], tuple[CompiledRule, ...]] = {}
         self._background: set[asyncio.Task[bool]] = set()
@@ -78,6 +80,11 @@ class PolicyBook:
         ceiling = self.ceiling(provider)
         effective = self.effective.get(provider)
         return effective.applied_to(ceiling) if effective else ceiling
+
+    def warmup(self, provider: str) -> Warmup | None:
+        """The policy's warm-up ramp, if any (unmatched domains ramp each by the default policy's)."""
+        policy = self.governing(provider)
+        return policy.spec.warmup if policy else None
 
     def suspended_until_ms(self, provider: str) -> int:
         effective = self.effective.get(provider)
@@ -115,6 +122,10 @@ class PolicyBook:
         """Called with the provider whose effective limits changed."""
         self._on_limits.append(callback)
 
+    def on_policies(self, callback: Callable[[], None]) -> None:
+        """Called after a new revision of the policy table was loaded."""
+        self._on_policies.append(callback)
+
     # -- loading ---------------------------------------------------------------------------------------
 
     async def reload(self) -> bool:
@@ -130,7 +141,8 @@ class PolicyBook:
         if rev is None:
             self.loaded = False
             return True
-        if rev != self.revision or not self.loaded:
+        changed = rev != self.revision or not self.loaded
+        if changed:
             policies = []
             for name, doc in raw.items():
                 try:
@@ -142,7 +154,11 @@ class PolicyBook:
             self.revision = rev
             self.loaded = True
             log.info("policies loaded", extra={"revision": rev.decode(), "policies": sorted(self.table.policies)})
-        return await self.reload_limits(*self.table.policies)
+        ok = await self.reload_limits(*self.table.policies)
+        if changed:
+            for callback in self._on_policies:
+                callback()
+        return ok
 
     async def reload_limits(self, *providers: str) -> bool:
         if not providers:

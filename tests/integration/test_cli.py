@@ -206,6 +206,26 @@ def test_policy_validate(tmp_path: Path) -> None:
     ]
 
 
+def test_policy_validate_names_the_warmup_field_at_fault(tmp_path: Path) -> None:
+    warmup = ("  warmup:\n    startDate: {start}\n    schedule:\n"
+              "    - {{day: 1, messagesPerDay: 200}}\n    - {{day: {day}, messagesPerDay: {volume}}}\n")
+    files = {name: tmp_path / f"{name}.yaml" for name in ("good", "order", "down", "date")}
+    for name, (start, day, volume) in {"good": ("2026-11-01", 3, 500), "order": ("2026-11-01", 1, 500),
+                                       "down": ("2026-11-01", 3, 100), "date": ("2026-11-31", 3, 500)}.items():
+        files[name].write_text(GOOD + warmup.format(start=start, day=day, volume=volume))
+
+    result = run_mxgate("policy", "validate", *(str(f) for f in files.values()))
+    assert result.returncode == 1 and result.stdout == f"{files['good']}: microsoft: ok\n"
+    assert result.stderr.splitlines() == [
+        f"{files['order']}: spec.warmup.schedule: Value error, schedule[1].day must be greater than "
+        "schedule[0].day (1)",
+        f"{files['down']}: spec.warmup.schedule: Value error, schedule[1].messagesPerDay must not be less than "
+        "schedule[0].messagesPerDay (200): a ramp goes up",
+        f"{files['date']}: spec.warmup.startDate: Input should be a valid date or datetime, day value is outside "
+        "expected range",
+    ]
+
+
 # -- ports -----------------------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 import redis.asyncio as aioredis
@@ -19,7 +20,8 @@ from hypothesis import strategies as st
 
 from mxgate import keys
 from mxgate.embedded_redis import EmbeddedRedis
-from mxgate.limits.fleet import FleetLimiter
+from mxgate.limits.fleet import CapReached, FleetLimiter
+from mxgate.policy import Warmup
 
 
 async def pods(url: str, n: int, **kwargs: int) -> list[FleetLimiter]:
@@ -220,7 +222,71 @@ async def test_hourly_cap(redis_server: EmbeddedRedis) -> None:
     try:
         for _ in range(3):
             await pod.message("cap", rate=None, burst=None, per_hour=3)
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(pod.message("cap", rate=None, burst=None, per_hour=3), timeout=0.5)
+        with pytest.raises(CapReached) as refused:
+            await pod.message("cap", rate=None, burst=None, per_hour=3)
+        assert refused.value.cap == "hour" and 0 < refused.value.retry_after <= 3600
+    finally:
+        await close([pod])
+
+
+def _ramp(today: date, *, today_is: int, **volumes: int) -> Warmup:
+    """A warm-up on which ``today`` is day ``today_is``; day N's step has volume ``volumes["d<N>"]``."""
+    start = today - timedelta(days=today_is - 1)
+    return Warmup.model_validate({"startDate": start.isoformat(), "schedule": [
+        {"day": int(k[1:]), "messagesPerDay": v} for k, v in volumes.items()]})
+
+
+async def _redis_today(client: aioredis.Redis) -> date:
+    seconds, _ = await client.time()
+    return datetime.fromtimestamp(seconds, UTC).date()
+
+
+async def test_the_warmup_volume_caps_the_day_fleet_wide(redis_server: EmbeddedRedis, redis_client) -> None:
+    today = await _redis_today(redis_client)
+    # Today is day 3: 5 messages. Day 4 holds the level, so a run across midnight UTC still sees 5.
+    warmup = _ramp(today, today_is=3, d1=2, d3=5, d5=50)
+    limiters = await pods(redis_server.url, 3)
+    try:
+        for i in range(5):
+            await limiters[i % 3].message("warm", rate=None, burst=None, warmup=warmup)
+        for pod in limiters:
+            with pytest.raises(CapReached) as refused:
+                await pod.message("warm", rate=None, burst=None, warmup=warmup)
+            assert refused.value.cap == "day" and 0 < refused.value.retry_after <= 86400
+        # limits.messagesPerDay below the day's volume wins.
+        await limiters[0].message("warm-ceiling", rate=None, burst=None, per_day=1, warmup=warmup)
+        with pytest.raises(CapReached):
+            await limiters[0].message("warm-ceiling", rate=None, burst=None, per_day=1, warmup=warmup)
+    finally:
+        await close(limiters)
+
+
+async def test_redis_time_decides_the_warmup_day_not_the_pods_clock(redis_server: EmbeddedRedis,
+                                                                     redis_client) -> None:
+    today = await _redis_today(redis_client)
+    warmup = _ramp(today, today_is=2, d1=1, d2=2, d3=1000, d4=1000)
+    # Pods whose clocks are a day ahead and a day behind: tomorrow would allow 1000, yesterday 1.
+    ahead, behind = (FleetLimiter(aioredis.Redis.from_url(redis_server.url), clock=lambda d=d: time.time() + d)
+                     for d in (86400.0, -86400.0))
+    try:
+        await ahead.message("skew", rate=None, burst=None, warmup=warmup)
+        await behind.message("skew", rate=None, burst=None, warmup=warmup)   # today's 2, not yesterday's 1
+        for pod in (ahead, behind):
+            with pytest.raises(CapReached):
+                await pod.message("skew", rate=None, burst=None, warmup=warmup)
+        day = int((await redis_client.time())[0]) // 86400
+        assert await redis_client.get(keys.day_count("skew", day)) == b"2"
+    finally:
+        await close([ahead, behind])
+
+
+async def test_after_the_ramp_no_day_is_capped(redis_server: EmbeddedRedis, redis_client) -> None:
+    today = await _redis_today(redis_client)
+    over = _ramp(today, today_is=10, d1=1, d2=2)
+    (pod,) = await pods(redis_server.url, 1)
+    try:
+        for _ in range(20):
+            await pod.message("ramped", rate=None, burst=None, warmup=over)
+        assert [k async for k in redis_client.scan_iter(match=keys.day_count("ramped", 0)[:-1] + "*")] == []
     finally:
         await close([pod])

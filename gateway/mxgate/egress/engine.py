@@ -33,8 +33,8 @@ from mxgate.egress.outcome import EXPIRED_STATUS, Verdict, judge
 from mxgate.egress.replies import DeferralClass, SmtpReply
 from mxgate.egress.session import DeliveryReport, GreetingRefused, OutboundSession
 from mxgate.errors import DeliveryError, DnsPermanentError, DnsTemporaryError, SpoolError
-from mxgate.limits.fleet import Lease, LimiterUnavailable
-from mxgate.policy import Limits
+from mxgate.limits.fleet import CapReached, Lease, LimiterUnavailable
+from mxgate.policy import Limits, Warmup
 from mxgate.policybook import PolicyBook
 from mxgate.routing.router import NextHop, Router
 from mxgate.spool.store import Job, NewJob, Spool
@@ -48,12 +48,14 @@ DISPATCHER_IDLE_EXIT = 60.0   # seconds without work before a provider's dispatc
 SCAN_INTERVAL = 2.0           # how often the provider index is scanned for due work
 ACK_BATCH = 64                # acks are batched: one round trip per batch instead of per message
 ACK_DELAY = 0.005             # ... and flushed at least this often (seconds)
+CAP_RECHECK = 30.0            # a used-up hourly/daily cap is asked again after this long (a policy may have changed)
 
 
 class Limiter(Protocol):
     def connection(self, provider: str, *, limit: int) -> contextlib.AbstractAsyncContextManager[Lease]: ...
     async def message(self, provider: str, *, rate: float | None, burst: int | None,
-                      per_hour: int | None = None, per_day: int | None = None) -> None: ...
+                      per_hour: int | None = None, per_day: int | None = None,
+                      warmup: Warmup | None = None) -> None: ...
     def set_limit(self, provider: str, limit: int) -> None: ...
     def released(self, provider: str) -> None: ...
     async def suspend(self, provider: str, *, seconds: float, reason: str) -> None: ...
@@ -83,6 +85,7 @@ class DeliveryEngine:
         book.on_wake(self.wake)
         book.on_free(limiter.released)
         book.on_limits(self._limits_changed)
+        book.on_policies(self._policies_changed)
 
     def start(self) -> None:
         self._scan_task = asyncio.get_running_loop().create_task(self._scan())
@@ -125,6 +128,12 @@ class DeliveryEngine:
         if dispatcher is not None:
             dispatcher.poke()
 
+    def _policies_changed(self) -> None:
+        # A changed policy may raise a used-up cap (a warm-up step, messagesPerDay): ask again now.
+        for dispatcher in self.dispatchers.values():
+            dispatcher.capped_until = 0.0
+            dispatcher.poke()
+
 
 class ProviderDispatcher:
     def __init__(self, engine: DeliveryEngine, provider: str) -> None:
@@ -140,6 +149,8 @@ class ProviderDispatcher:
         self.reflex_cap = 0
         self.rate_backoff = 0.0
         self.paused_until = 0.0
+        self.capped_until = 0.0             # monotonic: the hourly/daily cap is used up until then (or a recheck)
+        self.cap_resets_at = 0.0
         self._poke = asyncio.Event()
         self._work = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
@@ -206,8 +217,8 @@ class ProviderDispatcher:
         try:
             while not engine.stopping:
                 room = self._prefetch() - len(self.held)
-                if engine.book.suspended_until_ms(self.provider) > time.time() * 1000:
-                    room = 0  # suspended: leave the mail in Redis
+                if engine.book.suspended_until_ms(self.provider) > time.time() * 1000 or self.capped():
+                    room = 0  # suspended, or the day's (hour's) cap is used up: leave the mail in Redis
                 sleep_for = 1.0
                 if room > 0:
                     try:
@@ -270,7 +281,7 @@ class ProviderDispatcher:
         limit = self.limits.max_connections
         if time.monotonic() < self.no_new_connections_until:
             limit = min(limit, self.reflex_cap)   # local reflex: replace working connections, add none
-        if self.engine.book.suspended_until_ms(self.provider) > time.time() * 1000:
+        if self.engine.book.suspended_until_ms(self.provider) > time.time() * 1000 or self.capped():
             return
         for hops, queue in self.pending.items():
             tasks = self.connections.setdefault(hops, set())
@@ -325,6 +336,11 @@ class ProviderDispatcher:
         first = await self._next_job(hops, wait=0)
         if first is None:
             return
+        # With an hourly or daily cap the first permit comes before the connection: a provider whose cap
+        # is used up (a warm-up day's volume sent) must not see connections that send nothing.
+        permitted = self._has_cap()
+        if permitted and not await self._permit(hops, first):
+            return
         session = OutboundSession(helo_name=engine.settings.helo_name, resolver=engine.router.resolver,
                                   timeout=engine.settings.command_timeout, starttls=engine.settings.starttls)
         try:
@@ -343,14 +359,9 @@ class ProviderDispatcher:
         job: Job | None = first
         try:
             while job is not None:
-                await self._wait_while_paused()
-                limits = self.limits
-                try:
-                    await engine.limiter.message(self.provider, rate=limits.messages_per_second, burst=limits.burst,
-                                                 per_hour=limits.messages_per_hour, per_day=limits.messages_per_day)
-                except LimiterUnavailable:
-                    self.pending.setdefault(hops, deque()).appendleft(job)
-                    raise
+                if not permitted and not await self._permit(hops, job):
+                    break   # the cap is used up: the job is queued again, the connection closes
+                permitted = False
                 report = await self._attempt(session, job)
                 verdict = await self._finish(job, report)
                 self._reflex(verdict.deferral if verdict.deferred else None, delivered=bool(verdict.delivered))
@@ -365,6 +376,39 @@ class ProviderDispatcher:
                 lease.idle = False
         finally:
             await session.quit()
+
+    # -- permits and caps ----------------------------------------------------------------------------
+
+    def _has_cap(self) -> bool:
+        limits = self.limits
+        return bool(limits.messages_per_hour or limits.messages_per_day or self.engine.book.warmup(self.provider))
+
+    def capped(self) -> bool:
+        return time.monotonic() < self.capped_until
+
+    async def _permit(self, hops: tuple[NextHop, ...], job: Job) -> bool:
+        """Wait for the fleet's permit to send ``job``. False when the provider's hourly or daily cap is used
+        up: the job goes back to the front of its queue (still claimed, so it stays in Redis) and no
+        connection opens or claim is made until the cap resets, or until ``CAP_RECHECK`` asks again."""
+        await self._wait_while_paused()
+        limits = self.limits
+        try:
+            await self.engine.limiter.message(
+                self.provider, rate=limits.messages_per_second, burst=limits.burst, per_hour=limits.messages_per_hour,
+                per_day=limits.messages_per_day, warmup=self.engine.book.warmup(self.provider))
+        except CapReached as exc:
+            self.pending.setdefault(hops, deque()).appendleft(job)
+            now = time.monotonic()
+            if now >= self.cap_resets_at:
+                log.info("cap reached: mail stays queued", extra={
+                    "provider": self.provider, "cap": exc.cap, "resets_in": round(exc.retry_after)})
+            self.cap_resets_at = now + exc.retry_after
+            self.capped_until = now + min(exc.retry_after, CAP_RECHECK)
+            return False
+        except LimiterUnavailable:
+            self.pending.setdefault(hops, deque()).appendleft(job)
+            raise
+        return True
 
     # -- local reflex --------------------------------------------------------------------------------
 

@@ -8,8 +8,11 @@ announced on ``mxg:events`` ("free <provider>"), or at the latest half the waite
 asks again and so proves it is still alive. A crashed pod's leases expire (default lease 30 s, renewed
 every 10 s while the connection lives); its queued attempts go stale after 3 s.
 
-The message rate is GCRA over Redis server time (``gcra.lua``), with optional hourly and daily caps.
-Every script runs on Redis time, never a pod's clock, and touches one hash slot.
+The message rate is GCRA over Redis server time (``gcra.lua``), with optional hourly and daily caps;
+the daily cap is ``limits.messagesPerDay`` or, during a warm-up, the ramp's volume for the day
+(``warmup.py``), whichever is lower. A used-up cap is not waited out here: ``CapReached`` tells the
+caller when the hour or day ends, so it can leave the mail queued instead of holding a connection open
+for hours. Every script runs on Redis time, never a pod's clock, and touches one hash slot.
 
 A lowered connection limit is applied at once: every pod renews its leases, surplus ones are marked
 for closing (idle connections' first) and those connections close as soon as their current message is
@@ -26,7 +29,7 @@ import logging
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -35,6 +38,8 @@ from redis.commands.core import AsyncScript
 
 from mxgate import keys
 from mxgate.errors import MxgateError
+from mxgate.limits.warmup import daily_cap, utc_date
+from mxgate.policy import Warmup
 from mxgate.tasks import cancel_and_wait
 
 log = logging.getLogger("mxgate.limits")
@@ -44,6 +49,15 @@ _REDIS_ERRORS = (aioredis.RedisError, OSError)
 
 class LimiterUnavailable(MxgateError):
     """Redis could not be asked for a lease or a rate permit: do not send now, try again later."""
+
+
+class CapReached(MxgateError):
+    """The provider's hourly or daily cap (``cap``: "hour" or "day") is used up for ``retry_after`` seconds."""
+
+    def __init__(self, provider: str, *, cap: str, retry_after: float) -> None:
+        super().__init__(f"{provider}: the {cap}'s cap is reached for {retry_after:.0f} s")
+        self.cap = cap
+        self.retry_after = retry_after
 
 
 def _script(name: str) -> str:
@@ -72,8 +86,9 @@ class Lease:
 
 class FleetLimiter:
     def __init__(self, redis: aioredis.Redis, *, lease_ms: int = 30_000, waiter_stale_ms: int = 3_000,
-                 identity: str = keys.DEFAULT_IDENTITY) -> None:
+                 identity: str = keys.DEFAULT_IDENTITY, clock: Callable[[], float] = time.time) -> None:
         self.redis = redis
+        self.clock = clock      # the pod's clock: only a first guess of the hour and day (Redis decides)
         self.lease_ms = lease_ms
         self.waiter_stale_ms = waiter_stale_ms
         self.identity = identity
@@ -202,20 +217,27 @@ class FleetLimiter:
     # -- message rate --------------------------------------------------------------------------------
 
     async def message(self, provider: str, *, rate: float | None, burst: int | None,
-                      per_hour: int | None = None, per_day: int | None = None) -> None:
-        """Wait until the fleet may send one more message to ``provider``."""
-        if rate is None and not per_hour and not per_day:
+                      per_hour: int | None = None, per_day: int | None = None, warmup: Warmup | None = None) -> None:
+        """Wait until the fleet may send one more message to ``provider`` (the rate's short waits only).
+
+        Raises ``CapReached`` when the hourly or daily cap is used up: the caller keeps the mail queued.
+        """
+        if rate is None and not per_hour and not per_day and warmup is None:
             return
         interval = 1000.0 / rate if rate else 0.0
         burst_n = burst if burst else default_burst(rate or 1.0)
-        now = time.time()
+        now = self.clock()
         hour, day = int(now // 3600), int(now // 86400)
         while True:
+            # The cap is computed for the day the keys are named after; the script checks that day is
+            # Redis's (see warmup.py: one clock decides the day for the whole fleet).
+            day_cap = daily_cap(per_day, warmup, utc_date(day))
             try:
                 reply = await self._gcra(
                     keys=[keys.gcra(provider, self.identity), keys.hour_count(provider, hour, self.identity),
                           keys.day_count(provider, day, self.identity)],
-                    args=[f"{interval:.6f}", burst_n, per_hour or 0, per_day or 0, hour, day])
+                    args=[f"{interval:.6f}", burst_n, per_hour or 0, day_cap or 0, hour if per_hour else "",
+                          day if per_day or warmup is not None else ""])
             except _REDIS_ERRORS as exc:
                 raise LimiterUnavailable(f"cannot ask for a rate permit: {exc}") from exc
             status = int(reply[0])
@@ -224,4 +246,8 @@ class FleetLimiter:
             if status == -1:  # a new hour or day began (on Redis's clock): use its numbers for the keys
                 hour, day = int(reply[1]), int(reply[2])
                 continue
-            await asyncio.sleep(int(reply[1]) / 1000)
+            wait = int(reply[1]) / 1000
+            kind = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
+            if kind != "rate":
+                raise CapReached(provider, cap=kind, retry_after=wait)
+            await asyncio.sleep(wait)

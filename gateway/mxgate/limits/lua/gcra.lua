@@ -5,24 +5,27 @@
 -- ARGV[1]  emission interval T in ms (1000 / messages per second); 0 = no rate limit
 -- ARGV[2]  burst: messages that may go at once (>= 1); tolerance tau = T * burst
 -- ARGV[3]  hourly cap (0 = none)     ARGV[4]  daily cap (0 = none)
--- ARGV[5]  current hour number and ARGV[6] current day number as the caller computed them for the
---          key names; the script recomputes both from Redis time and refuses on a mismatch
---          (the caller then retries with the right keys).
--- Returns  {1, 0} allowed (state updated); {0, retry_after_ms} refused (state unchanged);
---          {-1, hour, day} the caller's hour/day keys are stale: call again with these numbers.
+-- ARGV[5]  the hour number and ARGV[6] the day number the caller computed its keys (and, for a
+--          warm-up, its daily cap) for, or '' when it has no such cap. The script recomputes both
+--          from Redis time and refuses on a mismatch (the caller then retries with the right keys
+--          and cap): Redis time decides which hour and day it is, for every pod alike.
+-- Returns  {1, 0} allowed (state updated);
+--          {0, retry_after_ms, kind} refused (state unchanged), kind 'rate', 'hour' or 'day': the
+--          limit that refused (a cap's retry_after_ms is the time until its hour or day ends);
+--          {-1, hour, day} the caller's hour/day numbers are stale: call again with these.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local hour = math.floor(tonumber(t[1]) / 3600)
 local day = math.floor(tonumber(t[1]) / 86400)
 local hcap, dcap = tonumber(ARGV[3]), tonumber(ARGV[4])
-if (hcap > 0 and tostring(hour) ~= ARGV[5]) or (dcap > 0 and tostring(day) ~= ARGV[6]) then
+if (ARGV[5] ~= '' and tostring(hour) ~= ARGV[5]) or (ARGV[6] ~= '' and tostring(day) ~= ARGV[6]) then
   return {-1, hour, day}
 end
 if hcap > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') >= hcap then
-  return {0, math.ceil((hour + 1) * 3600000 - now)}
+  return {0, math.ceil((hour + 1) * 3600000 - now), 'hour'}
 end
 if dcap > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') >= dcap then
-  return {0, math.ceil((day + 1) * 86400000 - now)}
+  return {0, math.ceil((day + 1) * 86400000 - now), 'day'}
 end
 local interval = tonumber(ARGV[1])
 if interval > 0 then
@@ -32,7 +35,7 @@ if interval > 0 then
   local new_tat = tat + interval
   local allow_at = new_tat - tau
   if now < allow_at then
-    return {0, math.ceil(allow_at - now)}
+    return {0, math.ceil(allow_at - now), 'rate'}
   end
   -- Store as a string with full precision; expire once the bucket would be full again anyway.
   redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1000)
