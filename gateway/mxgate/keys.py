@@ -31,6 +31,9 @@ small (the policy table, the provider index).
 
   Telemetry (each gateway adds its counters once per second; the operator and `mxgate status` read)
     mxg:{p:<provider>}:tm:<second>  HASH    counter name -> count for that epoch second, TTL 15 minutes
+    mxg:{p:<provider>}:adjustments  LIST    the adaptive loop's changes to the live limits, newest first,
+                                            the last 200: JSON {time, signal, limit, old, new, reason}
+                                            (controller writes; `mxgate status` and the plots read)
 
 Provider ids are policy names (``microsoft``) or ``domain:<domain>`` for unmatched domains.
 """
@@ -103,3 +106,7 @@ def day_count(provider: str, day: int, identity: str = DEFAULT_IDENTITY) -> str:
 
 def telemetry(provider: str, second: int) -> str:
     return f"{provider_tag(provider)}:tm:{second}"
+
+
+def adjustments(provider: str) -> str:
+    return f"{provider_tag(provider)}:adjustments"

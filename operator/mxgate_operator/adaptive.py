@@ -46,8 +46,7 @@ def _moves(old: ControlState, new: ControlState) -> list[Adjustment]:
     return moves
 
 
-def adjustments_key(provider: str) -> str:
-    return f"{keys.provider_tag(provider)}:adjustments"
+adjustments_key = keys.adjustments   # named in mxgate.keys (mxgate status reads it too)
 
 
 def _state_from_redis(raw: Mapping[bytes, bytes], policy: ProviderPolicy) -> ControlState:
