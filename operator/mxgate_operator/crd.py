@@ -44,9 +44,6 @@ SPEC_RULES = [
              "self.adaptive.floor.messagesPerSecond <= self.limits.messagesPerSecond",
      "fieldPath": ".adaptive.floor.messagesPerSecond",
      "message": "adaptive.floor.messagesPerSecond must not exceed limits.messagesPerSecond"},
-    {"rule": "!has(self.responses) || self.responses.all(r, (r.action == 'Suspend') == has(r.duration))",
-     "fieldPath": ".responses",
-     "message": "responses[].duration is required for action Suspend and only allowed there"},
     # The warm-up ramp's order, as the model checks it. CEL's all() has no index, so "days strictly
     # increase" is: the day numbers are sorted and each occurs once.
     {"rule": "!has(self.warmup) || size(self.warmup.schedule) == 0 || self.warmup.schedule[0].day == 1",
@@ -59,6 +56,12 @@ SPEC_RULES = [
     {"rule": "!has(self.warmup) || self.warmup.schedule.map(s, s.messagesPerDay).isSorted()",
      "fieldPath": ".warmup.schedule",
      "message": "warmup.schedule[].messagesPerDay must not decrease from one step to the next: a ramp goes up"},
+]
+# On each reply rule rather than on the list, so the error names the rule: spec.responses[2].duration.
+RESPONSE_RULES = [
+    {"rule": "(self.action == 'Suspend') == has(self.duration)",
+     "fieldPath": ".duration",
+     "message": "duration is required for action Suspend and only allowed there"},
 ]
 
 
@@ -164,6 +167,7 @@ STATUS_SCHEMA: dict[str, Any] = {
 def crd() -> dict[str, Any]:
     spec = _spec_schema()
     spec["x-kubernetes-validations"] = SPEC_RULES
+    spec["properties"]["responses"]["items"]["x-kubernetes-validations"] = RESPONSE_RULES
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
