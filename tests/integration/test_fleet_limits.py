@@ -253,12 +253,30 @@ async def test_the_warmup_volume_caps_the_day_fleet_wide(redis_server: EmbeddedR
             with pytest.raises(CapReached) as refused:
                 await pod.message("warm", rate=None, burst=None, warmup=warmup)
             assert refused.value.cap == "day" and 0 < refused.value.retry_after <= 86400
+        # Looking before connecting takes nothing; the sixth asks in vain.
+        with pytest.raises(CapReached):
+            await limiters[0].check_caps("warm", warmup=warmup)
         # limits.messagesPerDay below the day's volume wins.
         await limiters[0].message("warm-ceiling", rate=None, burst=None, per_day=1, warmup=warmup)
         with pytest.raises(CapReached):
             await limiters[0].message("warm-ceiling", rate=None, burst=None, per_day=1, warmup=warmup)
     finally:
         await close(limiters)
+
+
+async def test_looking_at_the_caps_counts_nothing(redis_server: EmbeddedRedis, redis_client) -> None:
+    (pod,) = await pods(redis_server.url, 1)
+    try:
+        await pod.message("look", rate=None, burst=None, per_day=2)
+        for _ in range(5):
+            await pod.check_caps("look", per_day=2)
+        day = int((await redis_client.time())[0]) // 86400
+        assert await redis_client.get(keys.day_count("look", day)) == b"1"
+        await pod.message("look", rate=None, burst=None, per_day=2)
+        with pytest.raises(CapReached):
+            await pod.check_caps("look", per_day=2)
+    finally:
+        await close([pod])
 
 
 async def test_redis_time_decides_the_warmup_day_not_the_pods_clock(redis_server: EmbeddedRedis,

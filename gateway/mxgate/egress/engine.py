@@ -56,6 +56,8 @@ class Limiter(Protocol):
     async def message(self, provider: str, *, rate: float | None, burst: int | None,
                       per_hour: int | None = None, per_day: int | None = None,
                       warmup: Warmup | None = None) -> None: ...
+    async def check_caps(self, provider: str, *, per_hour: int | None = None, per_day: int | None = None,
+                         warmup: Warmup | None = None) -> None: ...
     def set_limit(self, provider: str, limit: int) -> None: ...
     def released(self, provider: str) -> None: ...
     async def suspend(self, provider: str, *, seconds: float, reason: str) -> None: ...
@@ -336,10 +338,10 @@ class ProviderDispatcher:
         first = await self._next_job(hops, wait=0)
         if first is None:
             return
-        # With an hourly or daily cap the first permit comes before the connection: a provider whose cap
-        # is used up (a warm-up day's volume sent) must not see connections that send nothing.
-        permitted = self._has_cap()
-        if permitted and not await self._permit(hops, first):
+        # A provider whose hourly or daily cap is used up (a warm-up day's volume sent) must not see
+        # connections that send nothing: look before connecting. The permit itself is taken per message,
+        # once connected, so a next hop that cannot be reached uses up none of the day's volume.
+        if self._has_cap() and not await self._permit(hops, first, before_connecting=True):
             return
         session = OutboundSession(helo_name=engine.settings.helo_name, resolver=engine.router.resolver,
                                   timeout=engine.settings.command_timeout, starttls=engine.settings.starttls)
@@ -359,9 +361,8 @@ class ProviderDispatcher:
         job: Job | None = first
         try:
             while job is not None:
-                if not permitted and not await self._permit(hops, job):
+                if not await self._permit(hops, job):
                     break   # the cap is used up: the job is queued again, the connection closes
-                permitted = False
                 report = await self._attempt(session, job)
                 verdict = await self._finish(job, report)
                 self._reflex(verdict.deferral if verdict.deferred else None, delivered=bool(verdict.delivered))
@@ -386,16 +387,21 @@ class ProviderDispatcher:
     def capped(self) -> bool:
         return time.monotonic() < self.capped_until
 
-    async def _permit(self, hops: tuple[NextHop, ...], job: Job) -> bool:
-        """Wait for the fleet's permit to send ``job``. False when the provider's hourly or daily cap is used
-        up: the job goes back to the front of its queue (still claimed, so it stays in Redis) and no
-        connection opens or claim is made until the cap resets, or until ``CAP_RECHECK`` asks again."""
-        await self._wait_while_paused()
-        limits = self.limits
+    async def _permit(self, hops: tuple[NextHop, ...], job: Job, *, before_connecting: bool = False) -> bool:
+        """Wait for the fleet's permit to send ``job`` (``before_connecting``: only look whether the caps leave
+        room). False when the provider's hourly or daily cap is used up: the job goes back to the front of
+        its queue (still claimed, so it stays in Redis) and no connection opens or claim is made until the
+        cap resets, the policies change, or ``CAP_RECHECK`` has passed."""
+        limiter, limits, warmup = self.engine.limiter, self.limits, self.engine.book.warmup(self.provider)
         try:
-            await self.engine.limiter.message(
-                self.provider, rate=limits.messages_per_second, burst=limits.burst, per_hour=limits.messages_per_hour,
-                per_day=limits.messages_per_day, warmup=self.engine.book.warmup(self.provider))
+            if before_connecting:
+                await limiter.check_caps(self.provider, per_hour=limits.messages_per_hour,
+                                         per_day=limits.messages_per_day, warmup=warmup)
+            else:
+                await self._wait_while_paused()
+                await limiter.message(self.provider, rate=limits.messages_per_second, burst=limits.burst,
+                                      per_hour=limits.messages_per_hour, per_day=limits.messages_per_day,
+                                      warmup=warmup)
         except CapReached as exc:
             self.pending.setdefault(hops, deque()).appendleft(job)
             now = time.monotonic()

@@ -218,12 +218,25 @@ class FleetLimiter:
 
     async def message(self, provider: str, *, rate: float | None, burst: int | None,
                       per_hour: int | None = None, per_day: int | None = None, warmup: Warmup | None = None) -> None:
-        """Wait until the fleet may send one more message to ``provider`` (the rate's short waits only).
+        """Wait until the fleet may send one more message to ``provider`` (the rate's short waits only), and
+        count it against the hourly and daily caps.
 
         Raises ``CapReached`` when the hourly or daily cap is used up: the caller keeps the mail queued.
         """
         if rate is None and not per_hour and not per_day and warmup is None:
             return
+        await self._ask(provider, rate=rate, burst=burst, per_hour=per_hour, per_day=per_day, warmup=warmup,
+                        peek=False)
+
+    async def check_caps(self, provider: str, *, per_hour: int | None = None, per_day: int | None = None,
+                         warmup: Warmup | None = None) -> None:
+        """Raise ``CapReached`` if the hourly or daily cap is used up; takes and counts nothing."""
+        if per_hour or per_day or warmup is not None:
+            await self._ask(provider, rate=None, burst=None, per_hour=per_hour, per_day=per_day, warmup=warmup,
+                            peek=True)
+
+    async def _ask(self, provider: str, *, rate: float | None, burst: int | None, per_hour: int | None,
+                   per_day: int | None, warmup: Warmup | None, peek: bool) -> None:
         interval = 1000.0 / rate if rate else 0.0
         burst_n = burst if burst else default_burst(rate or 1.0)
         now = self.clock()
@@ -237,7 +250,7 @@ class FleetLimiter:
                     keys=[keys.gcra(provider, self.identity), keys.hour_count(provider, hour, self.identity),
                           keys.day_count(provider, day, self.identity)],
                     args=[f"{interval:.6f}", burst_n, per_hour or 0, day_cap or 0, hour if per_hour else "",
-                          day if per_day or warmup is not None else ""])
+                          day if per_day or warmup is not None else "", "1" if peek else "0"])
             except _REDIS_ERRORS as exc:
                 raise LimiterUnavailable(f"cannot ask for a rate permit: {exc}") from exc
             status = int(reply[0])

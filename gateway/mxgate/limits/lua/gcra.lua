@@ -9,7 +9,9 @@
 --          warm-up, its daily cap) for, or '' when it has no such cap. The script recomputes both
 --          from Redis time and refuses on a mismatch (the caller then retries with the right keys
 --          and cap): Redis time decides which hour and day it is, for every pod alike.
--- Returns  {1, 0} allowed (state updated);
+-- ARGV[7]  '1': only look whether the caps leave room (before opening a connection); no rate
+--          check, nothing counted or changed.
+-- Returns  {1, 0} allowed (state updated, unless ARGV[7] is '1');
 --          {0, retry_after_ms, kind} refused (state unchanged), kind 'rate', 'hour' or 'day': the
 --          limit that refused (a cap's retry_after_ms is the time until its hour or day ends);
 --          {-1, hour, day} the caller's hour/day numbers are stale: call again with these.
@@ -26,6 +28,9 @@ if hcap > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') >= hcap then
 end
 if dcap > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') >= dcap then
   return {0, math.ceil((day + 1) * 86400000 - now), 'day'}
+end
+if ARGV[7] == '1' then
+  return {1, 0}
 end
 local interval = tonumber(ARGV[1])
 if interval > 0 then
