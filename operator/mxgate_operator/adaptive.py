@@ -12,7 +12,10 @@ once during a window tells the core whether the fleet used its connection limit 
 never raised).
 
 The window read is shifted two seconds into the past: gateways flush each second's counters about a
-second after it ends, so the newest complete second is ``now - 2``.
+second after it ends, so the newest complete second is ``now - 2``. That lag puts the seconds just
+before a change into the next window; they are left out (the window starts the second after the
+change), or deferrals drawn by the old limits would cut the new ones again (run 3 of the demonstration:
+connections 4 -> 2 on refusals seen while the limit was still 6).
 """
 
 from __future__ import annotations
@@ -105,6 +108,7 @@ class AdaptiveLoop:
         self.clock = clock
         self._next: dict[str, float] = {}
         self._peak: dict[str, int] = {}
+        self._changed: dict[str, float] = {}   # when each provider's live limits last changed
 
     async def _sample_leases(self, providers: list[str], now: float) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -133,7 +137,8 @@ class AdaptiveLoop:
             await self._sample_leases(list(policies), now)
         for name, policy in policies.items():
             if self._due(name, policy, now):
-                done.append(await self.evaluate(name, policy, now=now, seconds=window_seconds(policy.spec.adaptive)))
+                done.append(await self.evaluate(name, policy, now=now, seconds=window_seconds(policy.spec.adaptive),
+                                                since=self._changed.get(name)))
         return done
 
     async def tick_one(self, policy: ProviderPolicy) -> Evaluation | None:
@@ -144,16 +149,23 @@ class AdaptiveLoop:
         await self._sample_leases([policy.name], now)
         if not self._due(policy.name, policy, now):
             return None
-        return await self.evaluate(policy.name, policy, now=now, seconds=window_seconds(policy.spec.adaptive))
+        return await self.evaluate(policy.name, policy, now=now, seconds=window_seconds(policy.spec.adaptive),
+                                   since=self._changed.get(policy.name))
 
     def forget(self, provider: str) -> None:
         """Drop the loop's memory of a provider (its policy was deleted)."""
         self._next.pop(provider, None)
         self._peak.pop(provider, None)
+        self._changed.pop(provider, None)
 
-    async def evaluate(self, provider: str, policy: ProviderPolicy, *, now: float, seconds: float) -> Evaluation:
+    async def evaluate(self, provider: str, policy: ProviderPolicy, *, now: float, seconds: float,
+                       since: float | None = None) -> Evaluation:
+        """Run the core on the telemetry of the ``seconds`` before ``now - FLUSH_LAG``, leaving out the
+        seconds up to ``since`` (the ticks pass the time of the last change: evidence about older limits)."""
         end = int(now) - FLUSH_LAG + 1
         start = end - max(1, round(seconds))
+        if since is not None:
+            start = max(start, min(end - 1, int(since) + 1))
         counts = (await read_window(self.redis, [provider], start=start, end=end))[provider]
         window = Window.of(float(end - start), counts, peak_connections=self._peak.pop(provider, None))
         raw = await self.redis.hgetall(keys.limits(provider))
@@ -198,5 +210,6 @@ class AdaptiveLoop:
                             "signal": move.signal, "reason": decision.reason})
         pipe.ltrim(adjustments_key(provider), 0, ADJUSTMENTS_KEPT - 1)
         if decision.adjustments:
+            self._changed[provider] = now
             pipe.publish(keys.EVENTS, f"{keys.EVENT_LIMITS} {provider}")
         await pipe.execute()

@@ -53,6 +53,38 @@ async def test_deferrals_in_telemetry_tighten_the_live_limit(redis_client: aiore
     assert later.decision.state.connections == 9
 
 
+async def test_a_tick_leaves_out_the_seconds_before_the_last_change(redis_client: aioredis.Redis) -> None:
+    p = adaptive_policy(maxConnections=20, messagesPerSecond=200)
+    adaptive = p.spec.adaptive.model_copy(update={"evaluation_window": "3s"})
+    p = p.model_copy(update={"spec": p.spec.model_copy(update={"adaptive": adaptive})})
+    await publish_policies(redis_client, [p])
+    now = time.time()
+    n = int(now)
+    clock = [now]
+    loop = AdaptiveLoop(redis_client, lambda: {"ms": p}, clock=lambda: clock[0])
+
+    async def refusals(*seconds: int) -> None:
+        for second in seconds:
+            await redis_client.hset(keys.telemetry("ms", second), mapping={"delivered": 30, "deferred_connections": 10})
+
+    assert await loop.tick() == []                      # the first window only collects evidence
+    await refusals(n - 1, n, n + 1)
+    clock[0] = now + 3                                  # reads seconds n-1 .. n+1
+    (first,) = await loop.tick()
+    assert first.decision.state.connections == 14
+    # Refusals in the seconds up to the change were drawn by the old limit (the window lags by
+    # FLUSH_LAG): the next window leaves them out instead of cutting 14 -> 9 on them.
+    await refusals(n + 2, n + 3)
+    clock[0] = now + 6
+    (sooner,) = await loop.tick()
+    assert sooner.window.deferred_connections == 0 and sooner.decision.state.connections == 14
+    # Fresh refusals after the change do cut again.
+    await refusals(n + 5, n + 6, n + 7)
+    clock[0] = now + 9
+    (later,) = await loop.tick()
+    assert later.window.deferred_connections == 30 and later.decision.state.connections == 9
+
+
 async def test_known_good_levels_live_in_redis_between_windows(redis_client: aioredis.Redis) -> None:
     p = adaptive_policy(maxConnections=20, messagesPerSecond=200)
     await publish_policies(redis_client, [p])
