@@ -334,7 +334,7 @@ async def _status(args: argparse.Namespace) -> None:
                 if args.watch:
                     print("\x1b[2J\x1b[H", end="")  # clear the screen between refreshes
                     print(time.strftime("%Y-%m-%d %H:%M:%S"), f"(every {args.watch:g}s, Ctrl-C stops)")
-                print(render_table(rows, window=args.window), flush=True)
+                print(render_table(rows, window=args.window, log=10 if args.watch else 0), flush=True)
             if not args.watch:
                 return
             await asyncio.sleep(args.watch)
