@@ -7,14 +7,24 @@ pods are never scheduled: the process side is covered by test_operator.py and th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import secrets
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
+import yaml
 
+from mxgate import keys
+from mxgate.embedded_redis import EmbeddedRedis, free_port
 from support.chart import CHART, FULLNAME, RELEASE
 from support.kubeapi import KubeAPI
+from support.procs import MxgateProcess, Processes
 
 GATEWAY = f"{FULLNAME}-gateway"
 OPERATOR = f"{FULLNAME}-operator"
@@ -188,3 +198,89 @@ def test_gateway_service_account_may_do_nothing(kube: KubeAPI, installed: str) -
     assert not allowed, f"the gateway may: {allowed}"
     # Its rules are the ones every authenticated account has, and no more.
     assert rules(kube, installed, GATEWAY) == rules(kube, installed, "no-such-account")
+
+
+# ---- the real operator with nothing but the chart's ServiceAccount ----
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    processes = Processes(tmp_path)
+    yield processes
+    processes.close()
+
+
+def service_account_kubeconfig(kube: KubeAPI, namespace: str, account: str, path: Path) -> Path:
+    """A kubeconfig that authenticates as the ServiceAccount with a token from the TokenRequest API, as the
+    kubelet mounts it into the pod."""
+    token = kube.kubectl("create", "token", account, "--namespace", namespace, "--duration=1h").stdout.strip()
+    admin = yaml.safe_load(kube.kubeconfig.read_text())
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": account, "preferences": {},
+        "clusters": admin["clusters"],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": account, "context": {"cluster": admin["clusters"][0]["name"], "user": account,
+                                                   "namespace": namespace}}],
+    }))
+    path.chmod(0o600)
+    return path
+
+
+async def eventually(check: Callable[[], Any], *, timeout: float, what: str, operator: MxgateProcess) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        assert operator.returncode is None, f"the operator exited:\n{operator.log_tail(40)}"
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})\n{operator.log_tail(40)}")
+
+
+async def test_operator_works_with_only_the_charts_service_account(
+        kube: KubeAPI, namespace: str, procs: Processes, tmp_path: Path, redis_server: EmbeddedRedis,
+        redis_client: aioredis.Redis) -> None:
+    # The chart's objects (Role, RoleBinding, KopfPeering) and one of its default policies; then the real
+    # `mxgate operator`, run as the chart runs it but as a local process, authenticated as the operator's
+    # ServiceAccount: whatever it needs beyond the Role shows up as a 403.
+    install(kube, namespace, "defaultPolicies.enabled=true", "defaultPolicies.names={gmail}")
+    kubeconfig = service_account_kubeconfig(kube, namespace, OPERATOR, tmp_path / "operator.kubeconfig")
+    operator = procs.mxgate("operator", "--log-level", "debug", "operator", "--redis-url", redis_server.url,
+                            "--namespace", namespace, "--peering", FULLNAME,
+                            "--health-listen", f"127.0.0.1:{free_port()}", env={"KUBECONFIG": str(kubeconfig)})
+
+    def policy() -> dict[str, Any]:
+        out = kube.kubectl("get", "providerpolicy", "gmail", "--namespace", namespace, "-o", "json").stdout
+        return json.loads(out)  # type: ignore[no-any-return]
+
+    async def published() -> bool:
+        return bool(await redis_client.hexists(keys.POLICIES, "gmail"))
+
+    await eventually(published, timeout=60, what="the policy in Redis", operator=operator)
+    ready = await eventually(lambda: (p := policy()).get("status", {}).get("state") == "Ready" and p,
+                             timeout=60, what="status Ready", operator=operator)
+    assert "mxgate.io/redis-state" in ready["metadata"]["finalizers"]
+    peering = json.loads(kube.kubectl("get", "kopfpeering", FULLNAME, "--namespace", namespace,
+                                      "-o", "json").stdout)
+    assert peering.get("status"), "the operator's heartbeat is not in the KopfPeering"
+
+    # An invalid spec (a regex only the operator's model rejects): a Warning Event and the status say so.
+    bad = {"spec": {"responses": [{"match": "^421 [TSS04(", "action": "Suspend", "duration": "1h"}]}}
+    kube.kubectl("patch", "providerpolicy", "gmail", "--namespace", namespace, "--type=merge", "-p", json.dumps(bad))
+
+    def invalid_spec_events() -> list[dict[str, Any]]:
+        out = kube.kubectl("get", "events", "--namespace", namespace, "-o", "json").stdout
+        return [e for e in json.loads(out)["items"] if e["reason"] == "InvalidSpec"]
+
+    [event] = await eventually(invalid_spec_events, timeout=60, what="an InvalidSpec Event", operator=operator)
+    assert event["type"] == "Warning" and event["involvedObject"]["name"] == "gmail"
+
+    # Delete: the operator cleans Redis and removes its finalizer (a patch), so the object goes.
+    kube.kubectl("delete", "providerpolicy", "gmail", "--namespace", namespace, "--wait=true", "--timeout=60s")
+    assert not await redis_client.hexists(keys.POLICIES, "gmail")
+    log = operator.log()
+    for refusal in ("403", "Forbidden", "forbidden", "Not enough permissions"):
+        assert refusal not in log, f"the operator was refused something ({refusal!r}):\n{operator.log_tail(60)}"
+    assert "Traceback" not in log, operator.log_tail(60)
