@@ -20,7 +20,12 @@ queue (jobs accepted and not yet delivered: ZCARD of ``mxg:{p:microsoft}:q``) an
 The policy's throttled retries are short (``retry: {throttledDelay: 1s, throttledMaxDelay: 5s}``): a
 message deferred for too many connections or too high a rate comes back within seconds, and the fleet
 limiter paces it (the default ladder, 5 s doubling up to 5 minutes, strands mail refused a few times
-during the first seconds long after the limits are right).
+during the first seconds long after the limits are right). Its one ``responses`` rule makes the
+simulator's ``451 4.7.650`` a rate signal (``TightenRate``), as ../shared/reference.md says to react
+("lower message rate"): the built-in table classes it REPUTATION, whose deferrals wait on the ordinary
+retry ladder (1 minute, doubling), which is right for a real reputation block but leaves the
+simulator's plain token-bucket refusals waiting a minute after the rate is right. The rule changes the
+retry ladder only: the controller counts RATE and REPUTATION deferrals alike.
 
     python3 bench/adaptive_demo.py                              # ~10 minutes (Postfix passes are capped)
     python3 bench/adaptive_demo.py --json /tmp/adaptive.json --postfix-cap 300
@@ -84,6 +89,8 @@ spec:
   route: {{hosts: ["{host}:{port}"]}}
   limits: {{maxConnections: {conns}, maxMessagesPerConnection: 1000, messagesPerSecond: {rate}}}
   retry: {{throttledDelay: 1s, throttledMaxDelay: 5s}}
+  responses:
+  - {{match: '^451 4\\.7\\.65[01]\\b', action: TightenRate}}
 """
 
 TUNED = "\n# hand-tuned to the provider's 5 connections\n" \
