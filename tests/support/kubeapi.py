@@ -4,7 +4,8 @@ The fixtures in ``tests/cluster/conftest.py`` are the interface the cluster test
 
 ``kube`` (session scope) -- a :class:`KubeAPI`: one etcd and one kube-apiserver for the whole session.
 
-- ``kube.kubeconfig: Path`` -- an admin kubeconfig (client certificate CN ``envtest-admin``, O ``system:masters``).
+- ``kube.kubeconfig: Path`` -- an admin kubeconfig (client certificate CN ``envtest-admin``, O ``system:masters``;
+  it names certificate files in the session's temporary directory, so it is valid while the session runs).
 - ``kube.server: str`` -- ``https://127.0.0.1:<port>``.
 - ``kube.bin_dir: Path`` -- where kube-apiserver, etcd and helm came from.
 - ``kube.kubectl(*args, check=True, input=None) -> subprocess.CompletedProcess[str]`` -- the machine's
@@ -15,6 +16,8 @@ The fixtures in ``tests/cluster/conftest.py`` are the interface the cluster test
 - ``kube.api_client() -> kubernetes.client.ApiClient`` -- a new client configured from the kubeconfig; close
   it (``with kube.api_client() as api: ...``).
 - ``kube.apiserver_log`` / ``kube.etcd_log: Path`` -- the servers' output, for a failing test to print.
+- Also there: ``kube.create_namespace(name)``, ``kube.delete_namespace(name)``, ``kube.apply_crds(paths)``
+  (what the fixtures below use), ``kube.workdir`` and ``kube.started_in`` (seconds).
 
 ``namespace`` (function scope) -- the name of a fresh namespace created for the test. Its deletion is
 requested afterwards but never completes: no controller-manager runs to empty it.
@@ -36,7 +39,8 @@ kube-apiserver started together on free loopback ports (the API server retries e
 ``/readyz`` and the ``default`` namespace are awaited. Shutdown stops kube-apiserver before etcd, each with
 SIGTERM and a SIGKILL after :data:`STOP_GRACE`: an API server whose etcd is gone hangs on SIGTERM for minutes.
 Both servers run in a session of their own (a Ctrl-C in the terminal must not reach etcd first) and get
-SIGKILL if pytest dies (``PR_SET_PDEATHSIG``), so a killed test run leaves no server behind.
+SIGKILL if pytest dies (``PR_SET_PDEATHSIG``), so a killed test run leaves no server behind (only its
+``/tmp/mxgate-kube-*`` directory).
 """
 
 from __future__ import annotations
