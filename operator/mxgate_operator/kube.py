@@ -167,9 +167,18 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         settings.posting.level = logging.WARNING   # kopf's own INFO logs are not Events; ours are explicit
         settings.watching.server_timeout = 300
         settings.execution.max_workers = 4
+        # On SIGTERM kopf says goodbye to its peers through the API; an unreachable API server must not keep
+        # the pod from exiting (Kubernetes would SIGKILL it at the end of the grace period anyway).
+        settings.process.ultimate_exiting_timeout = 10
         redis = connect_redis(config.redis_url)
         await redis.ping()
-        memo.runtime = Runtime(redis=redis, loop=AdaptiveLoop(redis, dict), identity=socket.gethostname())
+        runtime = Runtime(redis=redis, loop=AdaptiveLoop(redis, dict), identity=socket.gethostname())
+        memo.runtime = runtime
+        # Gateways are ready only once a policy table exists. With no ProviderPolicy at all no handler would
+        # ever publish one, so publish the empty table -- only if none exists: the handlers publish the real
+        # table from the index, and overwriting an existing one here could hide policies for a moment.
+        if not await redis.exists(keys.CONTROL):
+            await publish_policies(redis, [], writer=f"mxgate-operator/{runtime.identity}")
 
     @kopf.on.cleanup(id="close", registry=registry)
     async def close(memo: kopf.Memo, **_: Any) -> None:
@@ -184,7 +193,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     @kopf.on.resume(*resource, id="reconcile", registry=registry)
     @kopf.on.create(*resource, id="reconcile", registry=registry)
     @kopf.on.update(*resource, id="reconcile", field="spec", registry=registry)
-    async def reconcile(name: str, body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
+    async def reconcile(*, name: str, body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
                         memo: kopf.Memo, policy_index: kopf.Index[str, Parsed], **_: Any) -> None:
         runtime: Runtime = memo.runtime
         generation = meta.get("generation")
@@ -203,7 +212,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
                                           observation=observation, previous=status, now=time.time()))
 
     @kopf.on.delete(*resource, id="remove", registry=registry)
-    async def remove(name: str, memo: kopf.Memo, policy_index: kopf.Index[str, Parsed], logger: logging.Logger,
+    async def remove(*, name: str, memo: kopf.Memo, policy_index: kopf.Index[str, Parsed], logger: logging.Logger,
                      **_: Any) -> None:
         runtime: Runtime = memo.runtime
         remaining = await publish_table(runtime, policy_index, without=name)
@@ -212,7 +221,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         logger.info(f"policy {name} removed from the table ({len(remaining)} left); {cleared} Redis keys deleted")
 
     @kopf.timer(*resource, id="control", interval=TICK, registry=registry)
-    async def control(name: str, body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
+    async def control(*, name: str, body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
                       memo: kopf.Memo, policy_index: kopf.Index[str, Parsed], **_: Any) -> None:
         runtime: Runtime = memo.runtime
         if time.monotonic() >= runtime.next_publish:

@@ -247,3 +247,15 @@ async def test_two_replicas_with_peering_have_one_active(kube: KubeAPI, namespac
                      timeout=90, what="aol reconciled by the standby", operators=(low,))
     assert "reconcile" in low.log()
     assert await redis.hexists(keys.POLICIES, "aol") and await redis.hexists(keys.POLICIES, "gmail")
+
+
+async def test_an_empty_namespace_still_gets_a_policy_table(kube: KubeAPI, namespace: str, procs: Processes,
+                                                            redis_server: EmbeddedRedis, redis: aioredis.Redis
+                                                            ) -> None:
+    """Gateways are ready only once a table exists; with no ProviderPolicy yet, the table is empty."""
+    operator = start_operator(procs, kube, redis_server, namespace, "operator", "--standalone")
+
+    async def table_revision() -> bytes | None:
+        return await redis.hget(keys.CONTROL, "rev")
+    await eventually(table_revision, timeout=30, what="a published (empty) table", operators=(operator,))
+    assert await redis.hlen(keys.POLICIES) == 0
