@@ -70,6 +70,7 @@ class ProviderRow:
     state: str                       # ok, throttled, suspended, capped
     reason: str
     suspended_until: float | None = None     # epoch seconds, while suspended
+    suspend_reason: str = ""                 # the reply that matched a Suspend rule
     day_cap: int | None = None               # today's cap (UTC day): limits.messagesPerDay or the warm-up's
     sent_today: int | None = None            # messages counted against it so far
     adjustments: list[LimitChange] = field(default_factory=list)   # newest first
@@ -121,6 +122,7 @@ async def collect(redis: aioredis.Redis, *, window: int = WINDOW_SECONDS) -> lis
             deferral_percent=round(100.0 * deferred / outcomes, 1) if outcomes else 0.0,
             state=_state(effective, ceiling, suspended=suspended, capped=cap is not None and (sent or 0) >= cap),
             reason=effective.reason, suspended_until=effective.suspended_until_ms / 1000 if suspended else None,
+            suspend_reason=effective.suspend_reason if suspended else "",
             day_cap=cap, sent_today=sent,
             adjustments=[c for c in map(LimitChange.parse, raw_changes) if c is not None]))
     return rows
@@ -195,7 +197,7 @@ def render_table(rows: list[ProviderRow], *, window: int = WINDOW_SECONDS, now: 
     for r in rows:
         if r.state == "suspended" and r.suspended_until is not None:
             lines.append(_fit(f"{r.provider} suspended until {_clock(r.suspended_until)} "
-                              f"({_span(r.suspended_until - now)} more): {r.reason}", width))
+                              f"({_span(r.suspended_until - now)} more): {r.suspend_reason or r.reason}", width))
     if log > 0:
         recent = sorted(((c, r.provider) for r in rows for c in r.adjustments), key=lambda x: x[0].time,
                         reverse=True)[:log]

@@ -105,6 +105,7 @@ async def test_status_shows_a_suspension_until_when_and_why(redis_server: Embedd
                                                            "deferred due to unexpected volume or user complaints")
     finally:
         await limiter.redis.aclose()
+    await redis_client.hset(keys.limits("yahoo"), "reason", "calm for 3 windows")   # the controller's next window
     (row,) = await collect(redis_client)
     assert row.state == "suspended" and row.suspended_until is not None
     assert 590 < row.suspended_until - time.time() <= 600

@@ -11,6 +11,8 @@ Fields of the hash (strings, as Redis stores them):
     messagesPerSecond   float   message rate fleet-wide now ("" = no rate limit)
     suspendedUntil      int     epoch ms; no delivery attempts before it (e.g. Yahoo [TSS04])
     reason              str     why the controller last changed them (shown by `mxgate status`)
+    suspendReason       str     why the provider was suspended (the reply that matched a Suspend rule);
+                                written by the suspend script only, so a controller window keeps it
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Effective:
     messages_per_second: float | None
     suspended_until_ms: int = 0
     reason: str = ""
+    suspend_reason: str = ""
 
     @classmethod
     def ceiling(cls, limits: Limits) -> Effective:
@@ -47,7 +50,8 @@ class Effective:
             suspended = int(raw.get(b"suspendedUntil") or 0)
         except ValueError:
             return cls.ceiling(ceiling)
-        return cls(conns, rate, suspended, (raw.get(b"reason") or b"").decode("utf-8", "replace"))
+        return cls(conns, rate, suspended, (raw.get(b"reason") or b"").decode("utf-8", "replace"),
+                   (raw.get(b"suspendReason") or b"").decode("utf-8", "replace"))
 
     def to_redis(self) -> dict[str, str]:
         return {"maxConnections": str(self.max_connections),

@@ -9,7 +9,8 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local wanted = now + tonumber(ARGV[1])
 local current = tonumber(redis.call('HGET', KEYS[1], 'suspendedUntil') or '0') or 0
 if wanted > current then
-  redis.call('HSET', KEYS[1], 'suspendedUntil', wanted, 'reason', ARGV[2])
+  -- suspendReason too: the controller rewrites 'reason' every window, the suspension's cause must stay.
+  redis.call('HSET', KEYS[1], 'suspendedUntil', wanted, 'reason', ARGV[2], 'suspendReason', ARGV[2])
   redis.call('PUBLISH', ARGV[3], ARGV[4])
   return wanted
 end
