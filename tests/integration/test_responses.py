@@ -67,3 +67,26 @@ async def test_a_suspend_rule_stops_delivery_fleet_wide(redis_server: EmbeddedRe
             assert await redis_client.zcard(keys.queue("yahoo")) == 2   # both wait in Redis, nothing lost
     finally:
         await sink.stop()
+
+
+async def test_no_connection_sits_out_a_suspension_open(redis_server: EmbeddedRedis, redis_client) -> None:
+    # Two connections, jobs claimed for both; the second message draws [TSS04]. The other connection
+    # finishes its message and must then close, not wait out the hour holding the next claimed job.
+    handler = SinkHandler(rcpt_replies={"tss@yahoo.test": "421 4.7.0 [TSS04] Messages from 127.0.0.1 deferred"},
+                          delay=0.5)
+    sink = await Sink(handler).start()
+    try:
+        p = policy("yahoo", domains=["yahoo.test"], route=[f"127.0.0.1:{sink.port}"], maxConnections=2)
+        rules = [ResponseRule(match=r"\[TSS04\]", action="Suspend", duration="1h")]
+        await publish(redis_server.url, [p.model_copy(update={"spec": p.spec.model_copy(update={"responses": rules})})])
+        async with running_gateway(redis_server.url) as gw:
+            async with aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.port) as smtp:
+                for rcpt in ["a@yahoo.test", "tss@yahoo.test", "b@yahoo.test", "c@yahoo.test", "d@yahoo.test"]:
+                    await smtp.sendmail("app@example.com", [rcpt], b"Subject: x\r\n\r\nx\r\n")
+            await sink.wait_for(1)
+            await asyncio.sleep(1.5)
+            assert gw.book.suspended_until_ms("yahoo") > 0
+            assert len(sink.handler.messages) == 1 and sink.open == 0    # nothing held open ...
+            assert await redis_client.zcard(keys.queue("yahoo")) == 4   # ... and nothing lost
+    finally:
+        await sink.stop()

@@ -362,7 +362,7 @@ class ProviderDispatcher:
         try:
             while job is not None:
                 if not await self._permit(hops, job):
-                    break   # the cap is used up: the job is queued again, the connection closes
+                    break   # suspended, or the cap is used up: the job is queued again, the connection closes
                 report = await self._attempt(session, job)
                 verdict = await self._finish(job, report)
                 self._reflex(verdict.deferral if verdict.deferred else None, delivered=bool(verdict.delivered))
@@ -391,7 +391,11 @@ class ProviderDispatcher:
         """Wait for the fleet's permit to send ``job`` (``before_connecting``: only look whether the caps leave
         room). False when the provider's hourly or daily cap is used up: the job goes back to the front of
         its queue (still claimed, so it stays in Redis) and no connection opens or claim is made until the
-        cap resets, the policies change, or ``CAP_RECHECK`` has passed."""
+        cap resets, the policies change, or ``CAP_RECHECK`` has passed. False too while the provider is
+        suspended: a connection must not sit out a suspension (often hours) open and idle."""
+        if self.engine.book.suspended_until_ms(self.provider) > time.time() * 1000:
+            self.pending.setdefault(hops, deque()).appendleft(job)
+            return False
         limiter, limits, warmup = self.engine.limiter, self.limits, self.engine.book.warmup(self.provider)
         try:
             if before_connecting:
