@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from datetime import date, timedelta
+from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -130,3 +132,11 @@ def test_bad_warmups_name_the_field(document: dict[str, object], message: str) -
 def test_a_yaml_date_and_a_string_are_the_same_start() -> None:
     assert ramp(d1=1).start_date == Warmup.model_validate(
         {"startDate": date(2026, 11, 1), "schedule": steps((1, 1))}).start_date == date(2026, 11, 1)
+
+
+def test_the_readme_example_is_a_valid_warmup() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("### Warm-up of a new sending IP\n\n```yaml\n")[1].split("```")[0]
+    warmup = Warmup.model_validate(yaml.safe_load(block)["spec"]["warmup"])
+    assert [warmup_cap(warmup, date(2026, 12, d)) for d in (1, 2, 3, 6, 7, 14, 15)] == [
+        1000, 1000, 5000, 5000, 20000, 50000, None]     # as the comments in the example say
