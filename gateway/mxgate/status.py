@@ -83,10 +83,10 @@ async def collect(redis: aioredis.Redis, *, window: int = WINDOW_SECONDS) -> lis
     policies: dict[str, ProviderPolicy] = {}
     for name, doc in (await redis.hgetall(keys.POLICIES)).items():
         try:
-            policies[name.decode()] = ProviderPolicy.from_json(doc)
+            policies[_text(name)] = ProviderPolicy.from_json(doc)
         except ValidationError:
             continue   # written by a newer controller: its provider is shown with the default limits
-    known = {m.decode() for m in await redis.smembers(keys.PROVIDERS)}
+    known = {_text(m) for m in await redis.smembers(keys.PROVIDERS)}
     providers = sorted((set(policies) - {DEFAULT_POLICY_NAME}) | known)
     seconds, micros = await redis.time()    # Redis's clock decides the day, as for the gateways' caps
     now_ms = seconds * 1000 + micros // 1000
@@ -126,6 +126,10 @@ async def collect(redis: aioredis.Redis, *, window: int = WINDOW_SECONDS) -> lis
             day_cap=cap, sent_today=sent,
             adjustments=[c for c in map(LimitChange.parse, raw_changes) if c is not None]))
     return rows
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _state(effective: Effective, ceiling: Limits, *, suspended: bool, capped: bool) -> str:
