@@ -27,6 +27,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -178,7 +179,7 @@ class ConnectionsAndRate(_Model):
 class Adaptive(_Model):
     """How the controller tightens limits on throttling replies and relaxes them when the provider is calm."""
 
-    enabled: bool = Field(default=True, description="Adjust the live limits from deferral telemetry.")
+    enabled: StrictBool = Field(default=True, description="Adjust the live limits from deferral telemetry.")
     floor: ConnectionsAndRate = Field(
         default_factory=ConnectionsAndRate, description="Limits are never cut below these values.")
     decrease_factor: float = Field(

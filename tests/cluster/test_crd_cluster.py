@@ -149,6 +149,8 @@ SCHEMA_REFUSALS = [
                  ["spec.retry.maxAge", "should match"], id="bad-duration"),
     pytest.param({"adaptive": {"evaluationWindow": "5"}},
                  ["spec.adaptive.evaluationWindow", "should match"], id="duration-without-unit"),
+    pytest.param({"adaptive": {"enabled": "yes"}},
+                 ["spec.adaptive.enabled", "must be of type boolean"], id="string-for-boolean"),
     pytest.param({"match": {"domains": "gmail.com"}},
                  ["spec.match.domains", "must be of type array"], id="domains-not-a-list"),
     pytest.param({"route": {}}, ["spec.route.hosts", "Required value"], id="route-without-hosts"),
