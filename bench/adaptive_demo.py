@@ -30,6 +30,7 @@ retry ladder only: the controller counts RATE and REPUTATION deferrals alike.
     python3 bench/adaptive_demo.py                              # ~10 minutes (Postfix passes are capped)
     python3 bench/adaptive_demo.py --json /tmp/adaptive.json --postfix-cap 300
     python3 bench/adaptive_demo.py --only mxgate
+    python3 bench/adaptive_demo.py --replot /tmp/adaptive.json --png /tmp/adaptive.png   # figures and plot again
 
 Figures: deferral % = simulator deferrals / (simulator accepted + simulator deferrals), i.e. the share
 of attempts the provider refused; goodput = accepted / duration. "After convergence" = from
@@ -159,7 +160,7 @@ def span_figures(first: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
     a, d = last["accepted"] - first["accepted"], last["def_total"] - first["def_total"]
     span = last["t"] - first["t"]
     return {"from_s": round(first["t"], 1), "to_s": round(last["t"], 1), "accepted": a, "deferrals": d,
-            "deferral_pct": 100.0 * d / (a + d) if a + d else 0.0, "goodput": a / span if span else 0.0}
+            "deferral_pct": 100.0 * d / (a + d) if a + d else None, "goodput": a / span if span else 0.0}
 
 
 def figures(run: dict[str, Any], converge: float, backlog: int) -> dict[str, Any]:
@@ -318,7 +319,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     span = result["figures"]["mxgate"].get("with_backlog")
     if span:
         ax2.axvspan(span["from_s"], span["to_s"], color="tab:green", alpha=0.08,
-                    label=f"measured after convergence: {span['goodput']:.1f}/s, {span['deferral_pct']:.2f} % deferred")
+                    label=f"measured after convergence: {span['goodput']:.1f}/s, "
+                          f"{span['deferral_pct'] or 0:.2f} % deferred")
     ax2.set_ylabel("delivered / s")
     ax2.set_ylim(0, max(REAL_RATE * 1.6, ax2.get_ylim()[1]))
     ax2b = ax2.twinx()
@@ -341,7 +343,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         if run:
             tp, total = per_second(run["samples"], "def_total")
             ax3.plot(tp, total, color=colour, lw=1.0, label=f"{name}: all deferrals", drawstyle="steps-pre")
-    ax3.set_ylabel("deferrals / s")
+    ax3.set_yscale("symlog", linthresh=10)   # linear to 10/s, logarithmic above: Postfix's bursts are 10x mxgate's
+    ax3.set_ylim(0, None)
+    ax3.set_ylabel("deferrals / s (log above 10)")
     ax3.set_xlabel("seconds since smtp-source started (dotted line: convergence deadline; Postfix passes "
                    "continue past the right edge)")
     ax3.legend(loc="upper right", fontsize=8)
@@ -377,15 +381,17 @@ def machine() -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     head = ("system", "duration s", "accepted", "deferral % (whole run)", "goodput msg/s (whole run)",
             "deferral % (after 30 s, backlog)", "goodput msg/s (after 30 s, backlog)",
-            "span after 30 s", "deferral % / goodput (after 30 s, to the end)")
+            "span after 30 s", "deferral % / goodput msg/s (after 30 s, to the end)")
     rows = []
     names = {"mxgate": "mxgate (2 gateways, adaptive)", "postfix": "Postfix, defaults",
              "postfix-tuned": "Postfix, 5 connections"}
+    def pct(span: dict[str, Any]) -> str:
+        return "no attempts" if span["deferral_pct"] is None else f"{span['deferral_pct']:.2f}"
+
     for key, f in result["figures"].items():
         b, e = f.get("with_backlog"), f.get("to_end")
-        backlog = (f"{b['deferral_pct']:.2f}", f"{b['goodput']:.1f}", f"{b['from_s']:.0f}–{b['to_s']:.0f} s") \
-            if b else ("—", "—", "—")
-        to_end = f"{e['deferral_pct']:.2f} % / {e['goodput']:.1f}" if e else "—"
+        backlog = (pct(b), f"{b['goodput']:.1f}", f"{b['from_s']:.0f}–{b['to_s']:.0f} s") if b else ("—", "—", "—")
+        to_end = f"{pct(e)} / {e['goodput']:.1f}" if e else "—"
         capped = " (cap)" if f["capped"] else ""
         rows.append((names[key], f"{f['duration_s']:.0f}{capped}", f"{f['accepted']}", f"{f['deferral_pct']:.1f}",
                      f"{f['goodput']:.1f}", *backlog, to_end))
@@ -410,7 +416,15 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write all samples, adjustments and figures here")
     parser.add_argument("--mxgate-cmd", help="how to run mxgate (default: mxgate on PATH)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument("--replot", type=Path, metavar="JSON",
+                        help="run nothing: print the figures and draw the plot of a run saved with --json")
     args = parser.parse_args()
+    if args.replot:
+        result = json.loads(args.replot.read_text())
+        for key, run in result["runs"].items():
+            result["figures"][key] = figures(run, result["converge_s"], BACKLOG)
+        report(result, png=args.png, json_path=None)
+        return 0
     install_signal_handlers()
     source = require_tool("smtp-source", "apt-get install postfix")
     cmd, env = mxgate_command(args.mxgate_cmd)
@@ -447,7 +461,15 @@ def main() -> int:
         else:
             subprocess.run(["rm", "-rf", str(tmp)], check=False)
     result["machine"]["loadavg_end"] = os.getloadavg()
-    print(f"\nAdaptive limits demo: {args.messages} messages, smtp-source -s {args.sessions} -d -l 2048, provider "
+    report(result, png=args.png, json_path=args.json)
+    return 0
+
+
+def report(result: dict[str, Any], *, png: Path, json_path: Path | None) -> None:
+    """Print the figures, the targets and the controller's adjustments; write the JSON and the plot."""
+    messages = result["messages"]
+    sessions = result["runs"].get("mxgate", next(iter(result["runs"].values())))["source_argv"][2]
+    print(f"\nAdaptive limits demo: {messages} messages, smtp-source -s {sessions} -d -l 2048, provider "
           f"'outlook' allowing {REAL_CONNECTIONS} connections and {REAL_RATE:g} msg/s per IP")
     print(table(result))
     mxf = result["figures"].get("mxgate")
@@ -463,10 +485,10 @@ def main() -> int:
         else:
             result["targets"] = None
             print(f"\ntargets after convergence: NOT MEASURED (mxgate's queue fell below {BACKLOG} messages "
-                  f"before {args.converge:g} s, or the run was too short)")
+                  f"before {result['converge_s']:g} s, or the run was too short)")
         done = result["runs"]["mxgate"].get("smtp_source_done_s")
         when = f"{done:.0f} s" if done is not None else "the end"
-        print(f"smtp-source finished handing the {args.messages} messages to mxgate at {when}")
+        print(f"smtp-source finished handing the {messages} messages to mxgate at {when}")
         adj = result["runs"]["mxgate"]["adjustments"]
         print(f"\ncontroller adjustments ({len(adj)}), oldest first, t = seconds since smtp-source started:")
         start = result["runs"]["mxgate"]["start_epoch"]
@@ -479,13 +501,12 @@ def main() -> int:
             print(f"{key}: queue left {run['queue']}, maillog {maillog}"
                   f", smtp_destination_concurrency_limit={run['concurrency_limit']}")
     print(f"command: {result['command']}\ndate: {result['date']}\nmachine: {json.dumps(result['machine'])}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1, default=str))
-        print(f"json: {args.json}")
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=1, default=str))
+        print(f"json: {json_path}")
     if result["runs"].get("mxgate"):
-        plot(result, args.png)
-        print(f"\nplot: {args.png}")
-    return 0
+        plot(result, png)
+        print(f"\nplot: {png}")
 
 
 if __name__ == "__main__":
