@@ -130,9 +130,9 @@ async def test_reconcile_status_tighten_recover_and_delete(kube: KubeAPI, namesp
 
     # Reconciled: in the table, live limits at the ceiling, status Ready with the generation, a finalizer.
     async def published() -> bool:
-        return await redis.hexists(keys.POLICIES, "ms")
-    await eventually(published, timeout=30, what="the policy in Redis", operators=ops)
-    assert (await redis.hgetall(keys.limits("ms")))[b"maxConnections"] == b"20"
+        # The table first, then the live limits (both within the one reconcile).
+        return await redis.hexists(keys.POLICIES, "ms") and await redis.hget(keys.limits("ms"), "maxConnections")
+    assert await eventually(published, timeout=30, what="the policy and its limits in Redis", operators=ops) == b"20"
     obj = await eventually(lambda: (o := get(kube, namespace, "ms")).get("status", {}).get("conditions") and o,
                            timeout=30, what="status conditions", operators=ops)
     assert condition(obj, "Ready")["status"] == "True"
