@@ -184,8 +184,9 @@ class Adaptive(_Model):
         default_factory=ConnectionsAndRate, description="Limits are never cut below these values.")
     decrease_factor: float = Field(
         default=0.7, gt=0, lt=1,
-        description="A connection-limit cut multiplies the limit by at most this factor (the rate is cut to "
-        "the goodput the provider accepted instead, at least 5 % and at most to a quarter at once).")
+        description="A connection-limit cut multiplies the limit by at most this factor. The rate is cut to "
+        "the goodput the provider accepted instead (at least 5 %, at most to a quarter at once), except in a "
+        "window dominated by connection deferrals, where it is cut by at most this factor.")
     increase_step: ConnectionsAndRate = Field(
         default_factory=lambda: ConnectionsAndRate(connections=1, messages_per_second=5.0),
         description="Added to a limit after enough calm windows (additive increase), up to the ceiling.")
