@@ -8,6 +8,9 @@ subresource. Conditions follow the Kubernetes API conventions:
     Throttled   True: a live limit is below the policy's ceiling      False: AtCeiling
     Suspended   True: no deliveries before effective.suspendedUntil   False: NotSuspended
 
+``state`` sums them up: Suspended, else Capped (the day's cap -- ``limits.messagesPerDay`` or the
+warm-up's volume -- is used up; the rest waits for the next UTC day), else Throttled, else Ready.
+
 Each condition carries ``observedGeneration``; ``lastTransitionTime`` changes only when its status
 does, so a steady provider does not churn its conditions every window.
 """
@@ -36,6 +39,9 @@ class Observation:
     window: Window | None = None          # the last evaluation window; None before the first one
     queued: int | None = None
     last_adjustment: Mapping[str, Any] | None = None   # newest entry of the adjustments list
+    day_cap: int | None = None            # today's cap (messagesPerDay or the warm-up's volume); None: none
+    sent_today: int = 0                   # messages counted against it today (Redis's UTC day)
+    warmup_day: int | None = None         # day N of the warm-up ramp (1 = startDate); None: no warm-up
 
 
 def _number(value: float | None) -> str:
@@ -81,9 +87,10 @@ def policy_status(*, generation: int | None, ceiling: Limits, observation: Obser
     effective: dict[str, Any] = {
         "maxConnections": eff.max_connections, "messagesPerSecond": eff.messages_per_second,
         "suspendedUntil": rfc3339(eff.suspended_until_ms / 1000) if suspended else None}
+    capped = observation.day_cap is not None and observation.sent_today >= observation.day_cap
     status: dict[str, Any] = {
         "observedGeneration": generation,
-        "state": "Suspended" if suspended else "Throttled" if below else "Ready",
+        "state": "Suspended" if suspended else "Capped" if capped else "Throttled" if below else "Ready",
         "effective": effective,
         "conditions": conditions,
     }
@@ -100,12 +107,18 @@ def policy_status(*, generation: int | None, ceiling: Limits, observation: Obser
     elif "observed" in previous:
         status["observed"] = dict(previous["observed"])
         status["deferralPercent"] = previous.get("deferralPercent")
+    if observation.day_cap is not None or observation.warmup_day is not None:
+        status["daily"] = {"messagesPerDay": observation.day_cap, "sentToday": observation.sent_today,
+                           "warmupDay": observation.warmup_day}
+    elif previous.get("daily"):
+        status["daily"] = None   # the cap was removed from the policy: drop the field
     last = observation.last_adjustment
     if last:
         status["lastAdjustment"] = {"time": rfc3339(float(last["time"])), "signal": str(last["signal"]),
                                     "limit": str(last["limit"]), "from": _number(last.get("old")),
                                     "to": _number(last.get("new")), "reason": str(last.get("reason", ""))}
-    return {k: v for k, v in status.items() if v is not None}
+    # None deletes a field in the merge patch: keep it only for fields the object has.
+    return {k: v for k, v in status.items() if v is not None or k in previous}
 
 
 def invalid_status(*, generation: int | None, message: str, previous: Mapping[str, Any],

@@ -122,8 +122,15 @@ STATUS_SCHEMA: dict[str, Any] = {
     "description": "What the operator observes and has put in force; written by the operator only.",
     "properties": {
         "observedGeneration": {"type": "integer", "description": "The spec generation this status is about."},
-        "state": {"type": "string", "description": "Ready, Throttled (live limits under the ceiling), Suspended "
-                  "or Invalid."},
+        "state": {"type": "string", "description": "Ready, Throttled (live limits under the ceiling), Capped "
+                  "(the day's cap is used up), Suspended or Invalid."},
+        "daily": {"type": "object", "description": "The day's cap (limits.messagesPerDay or the warm-up's "
+                  "volume, whichever is lower) on Redis's UTC day.", "properties": {
+                      "messagesPerDay": {"type": "integer", "description": "Today's cap (absent: none)."},
+                      "sentToday": {"type": "integer", "description": "Messages counted against it today."},
+                      "warmupDay": {"type": "integer", "description": "Day N of the warm-up (1 = startDate; "
+                                    "0 or less: before it; past the last step: the ramp is over)."},
+                  }},
         "effective": {"type": "object", "description": "The live limits in force now.", "properties": {
             "maxConnections": {"type": "integer", "description": "Connections fleet-wide now."},
             "messagesPerSecond": {"type": "number", "description": "Message rate fleet-wide now (absent: none)."},

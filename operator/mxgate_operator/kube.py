@@ -43,6 +43,7 @@ from pydantic import ValidationError
 
 from mxgate import keys
 from mxgate.limits.effective import Effective
+from mxgate.limits.warmup import daily_cap, utc_date
 from mxgate.policy import ProviderPolicy, format_validation_error
 from mxgate.telemetry.redis_cost import connect_redis
 from mxgate_operator.adaptive import AdaptiveLoop, adjustments_key, relaxes
@@ -122,13 +123,21 @@ async def publish_table(runtime: Runtime, index: Mapping[str, Iterable[Parsed]],
 
 
 async def observe(redis: aioredis.Redis, policy: ProviderPolicy, window: Window | None) -> Observation:
+    seconds, _ = await redis.time()     # the day is Redis's, as the gateways count it (gcra.lua)
+    day = int(seconds) // 86400
     pipe = redis.pipeline(transaction=False)
     pipe.hgetall(keys.limits(policy.name))
     pipe.zcard(keys.queue(policy.name))
     pipe.lindex(adjustments_key(policy.name), 0)
-    raw_limits, queued, newest = await pipe.execute()
+    pipe.get(keys.day_count(policy.name, day))
+    raw_limits, queued, newest, sent = await pipe.execute()
     last = json.loads(newest) if newest else None
-    return Observation(Effective.from_redis(raw_limits, policy.spec.limits), window, int(queued), last)
+    today = utc_date(day)
+    warmup = policy.spec.warmup
+    return Observation(Effective.from_redis(raw_limits, policy.spec.limits), window, int(queued), last,
+                       day_cap=daily_cap(policy.spec.limits.messages_per_day, warmup, today),
+                       sent_today=int(sent or 0),
+                       warmup_day=(today - warmup.start_date).days + 1 if warmup is not None else None)
 
 
 def describe(move: Adjustment) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -259,3 +260,24 @@ async def test_an_empty_namespace_still_gets_a_policy_table(kube: KubeAPI, names
         return await redis.hget(keys.CONTROL, "rev")
     await eventually(table_revision, timeout=30, what="a published (empty) table", operators=(operator,))
     assert await redis.hlen(keys.POLICIES) == 0
+
+
+async def test_warmup_day_and_a_used_up_day_in_the_status(kube: KubeAPI, namespace: str, procs: Processes,
+                                                          redis_server: EmbeddedRedis, redis: aioredis.Redis
+                                                          ) -> None:
+    seconds, _ = await redis.time()
+    day = int(seconds) // 86400
+    start = datetime.date(1970, 1, 1) + datetime.timedelta(days=day - 2)     # today is day 3 of the ramp
+    warmup = {"warmup": {"startDate": start.isoformat(), "schedule": [
+        {"day": 1, "messagesPerDay": 100}, {"day": 3, "messagesPerDay": 300}, {"day": 10, "messagesPerDay": 5000}]}}
+    operator = start_operator(procs, kube, redis_server, namespace, "operator", "--standalone")
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=policy("gmail", extra=warmup))
+    obj = await eventually(lambda: (o := get(kube, namespace, "gmail")).get("status", {}).get("daily") and o,
+                           timeout=30, what="status.daily", operators=(operator,))
+    assert obj["status"]["daily"] == {"messagesPerDay": 300, "sentToday": 0, "warmupDay": 3}
+    assert obj["status"]["state"] == "Ready"
+
+    await redis.set(keys.day_count("gmail", day), 300)      # what the gateways count as they send
+    obj = await eventually(lambda: (o := get(kube, namespace, "gmail"))["status"].get("state") == "Capped" and o,
+                           timeout=30, what="state Capped", operators=(operator,))
+    assert obj["status"]["daily"]["sentToday"] == 300

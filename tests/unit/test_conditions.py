@@ -111,3 +111,31 @@ def test_a_status_read_back_after_the_merge_patch_is_unchanged() -> None:
     stored = {k: v for k, v in status.items()}
     stored["effective"] = {k: v for k, v in status["effective"].items() if v is not None}  # what the server keeps
     assert not changed(stored, status_for(Effective(5, None), previous=stored))
+
+
+def test_daily_cap_and_warmup_day() -> None:
+    status = policy_status(generation=1, ceiling=CEILING, previous={}, now=NOW,
+                           observation=Observation(Effective(20, 200.0), day_cap=500, sent_today=120, warmup_day=3))
+    assert status["daily"] == {"messagesPerDay": 500, "sentToday": 120, "warmupDay": 3}
+    assert status["state"] == "Ready"
+
+
+@pytest.mark.parametrize(("effective", "state"), [
+    (Effective(20, 200.0), "Capped"),
+    (Effective(5, 200.0), "Capped"),                                  # capped outranks throttled
+    (Effective(20, 200.0, int((NOW + 60) * 1000)), "Suspended"),     # suspended outranks capped
+])
+def test_a_used_up_day_is_capped(effective: Effective, state: str) -> None:
+    observation = Observation(effective, day_cap=500, sent_today=500, warmup_day=None)
+    assert policy_status(generation=1, ceiling=CEILING, observation=observation, previous={}, now=NOW
+                         )["state"] == state
+
+
+def test_the_daily_field_goes_when_the_cap_does() -> None:
+    before = policy_status(generation=1, ceiling=CEILING, previous={}, now=NOW,
+                           observation=Observation(Effective(20, 200.0), day_cap=500, sent_today=1))
+    after = policy_status(generation=2, ceiling=CEILING, previous=before, now=NOW,
+                          observation=Observation(Effective(20, 200.0)))
+    assert after["daily"] is None    # deleted by the merge patch
+    assert "daily" not in policy_status(generation=2, ceiling=CEILING, previous={}, now=NOW,
+                                        observation=Observation(Effective(20, 200.0)))
