@@ -398,7 +398,7 @@ def parse_policy(document: Mapping[str, Any], *, source: str) -> ProviderPolicy:
         raise PolicyError(format_validation_error(source, exc)) from exc
 
 
-class _PolicyLoader(yaml.SafeLoader):  # type: ignore[misc]  # (PyYAML has no type stubs here)
+class _PolicyLoader(yaml.SafeLoader):
     """Safe YAML as kubectl reads it: an unquoted date (``startDate: 2026-11-01``) stays a string for the
     model to check; PyYAML's own date parsing would turn 2026-11-31 into a traceback instead."""
 
