@@ -12,13 +12,16 @@
 
 ``StreamReader._limit`` is private to asyncio; the tests for size limits and dot-stuffing would catch a
 change in it.
+
+Both servers also write to the connection's transport outside aiosmtpd (a refusal instead of the
+greeting, a 421 before closing): ``writable`` gives the transport the type it has at run time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any
+from typing import Any, Protocol, cast
 
 # A dot-atom local part and a host name: what nearly every MTA sends. UTF-8 (SMTPUTF8) falls back too.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -31,6 +34,21 @@ def simple_path(arg: str) -> tuple[str, str] | None:
     if match is None:
         return None
     return match.group(1) or "<>", arg[match.end():].lstrip()
+
+
+class WritableTransport(Protocol):
+    """A stream transport as a stream protocol's ``connection_made`` receives it: asyncio's and uvloop's
+    alike (uvloop's are not ``asyncio.WriteTransport`` subclasses, so this is a structural type)."""
+
+    def write(self, data: bytes) -> None: ...
+    def is_closing(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+def writable(transport: asyncio.BaseTransport) -> WritableTransport:
+    """aiosmtpd (like asyncio's ``Protocol.connection_made``) types the transport ``BaseTransport``; a TCP
+    server's transport always writes."""
+    return cast(WritableTransport, transport)
 
 
 class FastPathsMixin:

@@ -22,12 +22,15 @@ PLAIN and LOGIN mechanisms here collect the credentials through aiosmtpd and ver
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, syntax
 
 from mxgate.ingress.auth import Authenticator
-from mxgate.smtpwire import FastPathsMixin, has_line_longer_than
+from mxgate.smtpwire import FastPathsMixin, has_line_longer_than, writable
+
+if TYPE_CHECKING:
+    from asyncio.streams import _ReaduntilBuffer  # the separator type of StreamReader.readuntil (typeshed)
 
 MAX_LINE = 998  # octets per line without CRLF (RFC 5322 §2.1.1)
 
@@ -40,7 +43,7 @@ class StrictStreamReader(asyncio.StreamReader):
     # A class attribute, so re-classing an existing reader needs no per-instance set-up.
     refused = False
 
-    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+    async def readuntil(self, separator: _ReaduntilBuffer = b"\n") -> bytes:
         if self.refused:
             # After a bare line ending the connection is closing: commands the client pipelined behind it
             # are already in the buffer and would otherwise run (even a whole transaction) before the close.
@@ -64,7 +67,7 @@ class IngressSMTP(FastPathsMixin, SMTP):
         # Make the reader aiosmtpd created refuse bare line endings. StrictStreamReader adds no state but a
         # flag with a class default, so re-classing the existing object is safe and keeps aiosmtpd's own
         # wiring (limit, transport).
-        reader = self._stream_reader
+        reader = self._stream_reader  # type: ignore[attr-defined]  # asyncio's private attribute: not in typeshed
         assert reader is not None
         reader.__class__ = StrictStreamReader
         self._collected: LoginPassword | None = None
@@ -83,11 +86,9 @@ class IngressSMTP(FastPathsMixin, SMTP):
     def _timeout_cb(self) -> None:
         # RFC 5321 §4.5.3.2: tell the client why before closing; aiosmtpd closes silently.
         transport = self.transport
-        # Duck-typed: uvloop's transports are not asyncio.WriteTransport subclasses.
         if transport is not None and not transport.is_closing():
-            transport.write(  # type: ignore[attr-defined]
-                f"421 4.4.2 {self.hostname} Error: timeout exceeded, closing\r\n".encode())
-        super()._timeout_cb()  # type: ignore[no-untyped-call]
+            writable(transport).write(f"421 4.4.2 {self.hostname} Error: timeout exceeded, closing\r\n".encode())
+        super()._timeout_cb()  # type: ignore[no-untyped-call]  # aiosmtpd leaves it unannotated
 
     # -- bare line endings in commands ---------------------------------------------------------------
 
@@ -105,8 +106,7 @@ class IngressSMTP(FastPathsMixin, SMTP):
         """Shutdown of an idle session: RFC 5321 §3.8 lets a server send 421 at any time, then close."""
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            # Not asyncio.WriteTransport under uvloop, but a transport with write() all the same.
-            transport.write(b"421 4.3.2 Service shutting down, try another server\r\n")  # type: ignore[attr-defined]
+            writable(transport).write(b"421 4.3.2 Service shutting down, try another server\r\n")
             transport.close()
 
     @property
@@ -124,12 +124,12 @@ class IngressSMTP(FastPathsMixin, SMTP):
         envelope = self.envelope
         assert envelope is not None
         if has_line_longer_than(content, MAX_LINE):
-            self._set_post_data_state()
+            self._set_post_data_state()  # type: ignore[no-untyped-call]  # aiosmtpd leaves it unannotated
             await self.push("500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)")
             return
         envelope.content = envelope.original_content = content
         status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]  # aiosmtpd leaves it unannotated
         await self.push(status)
 
     # -- asynchronous AUTH ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from mxgate.sim.config import SimConfig
 from mxgate.sim.outputs import SinkLog, write_report
 from mxgate.sim.provider import Connection, Deferral, ProviderModel
-from mxgate.smtpwire import FastPathsMixin
+from mxgate.smtpwire import FastPathsMixin, writable
 
 __all__ = ["ProviderSimulator", "SimSMTP"]
 
@@ -83,7 +83,7 @@ class SimSMTP(FastPathsMixin, SMTP):
         if deferral is not None:
             # The refusal replaces the greeting; aiosmtpd never starts for this connection.
             self.refused_at_connect = True
-            transport.write(deferral.line.encode() + b"\r\n")
+            writable(transport).write(deferral.line.encode() + b"\r\n")
             transport.close()
             return
         super().connection_made(transport)
@@ -105,7 +105,7 @@ class SimSMTP(FastPathsMixin, SMTP):
         transport = self.transport
         if self.refused_at_connect or transport is None or transport.is_closing():
             return
-        transport.write(self.model.shutdown(self.connection).line.encode() + b"\r\n")
+        writable(transport).write(self.model.shutdown(self.connection).line.encode() + b"\r\n")
         transport.close()
 
     # -- the per-message path ------------------------------------------------------------------------
