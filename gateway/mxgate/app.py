@@ -144,9 +144,9 @@ class Gateway:
         self.sessions.add(smtp)
         original = smtp.connection_lost
 
-        def connection_lost(exc: Exception | None) -> None:
+        def connection_lost(error: Exception | None) -> None:
             self.sessions.discard(smtp)
-            original(exc)
+            original(error)
 
         smtp.connection_lost = connection_lost  # type: ignore[method-assign]
         return smtp

@@ -209,7 +209,7 @@ class PolicyBook:
                 await asyncio.sleep(1.0)
             finally:
                 try:
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves PubSub.aclose unannotated
                 except (aioredis.RedisError, OSError):
                     pass
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -291,7 +292,11 @@ class ProviderDispatcher:
             while queue and len(tasks) < len(queue) and self.open_connections() < limit:
                 task = asyncio.get_running_loop().create_task(self._connection(hops))
                 tasks.add(task)
-                task.add_done_callback(lambda t, tasks=tasks: (tasks.discard(t), self.poke()))
+                task.add_done_callback(functools.partial(self._connection_ended, tasks))
+
+    def _connection_ended(self, tasks: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        self.poke()
 
     # -- connections ---------------------------------------------------------------------------------
 

@@ -242,4 +242,4 @@ class Spool:
             members = await self.redis.smembers(keys.PROVIDERS)
         except _REDIS_ERRORS as exc:
             raise SpoolError(f"providers failed: {exc}") from exc
-        return {m.decode() for m in members}
+        return {m.decode() if isinstance(m, bytes) else m for m in members}
