@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import redis.asyncio as aioredis
 
@@ -158,6 +159,11 @@ class AdaptiveLoop:
         self._peak.pop(provider, None)
         self._changed.pop(provider, None)
 
+    async def _read_limits(self, provider: str) -> dict[bytes, bytes]:
+        """The provider's live-limits hash. Our clients leave ``decode_responses`` off, so it is bytes;
+        redis-py types HGETALL's reply ``bytes | str`` whatever that setting is."""
+        return cast("dict[bytes, bytes]", await self.redis.hgetall(keys.limits(provider)))
+
     async def evaluate(self, provider: str, policy: ProviderPolicy, *, now: float, seconds: float,
                        since: float | None = None) -> Evaluation:
         """Run the core on the telemetry of the ``seconds`` before ``now - FLUSH_LAG``, leaving out the
@@ -168,7 +174,7 @@ class AdaptiveLoop:
             start = max(start, min(end - 1, int(since) + 1))
         counts = (await read_window(self.redis, [provider], start=start, end=end))[provider]
         window = Window.of(float(end - start), counts, peak_connections=self._peak.pop(provider, None))
-        raw = await self.redis.hgetall(keys.limits(provider))
+        raw = await self._read_limits(provider)
         state = _state_from_redis(raw, policy)
         decision = decide(policy.spec.adaptive, policy.spec.limits, state, window, now=now)
         log.debug("evaluated %s conns=%s -> %s: %s", window, state.connections, decision.state.connections,
@@ -184,7 +190,7 @@ class AdaptiveLoop:
         a raised ceiling leaves the live limits where the controller had them (recovery climbs there).
         """
         now = self.clock()
-        raw = await self.redis.hgetall(keys.limits(policy.name))
+        raw = await self._read_limits(policy.name)
         state = _state_from_redis(raw, policy)   # already within the new ceiling
         # An empty window: decide() only clamps to the ceiling, expires suspensions, honours `enabled`.
         decision = decide(policy.spec.adaptive, policy.spec.limits, state, Window(seconds=0.0), now=now)
@@ -201,7 +207,9 @@ class AdaptiveLoop:
 
     async def _write(self, provider: str, decision: Decision, *, now: float) -> None:
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(keys.limits(provider), mapping=_state_to_redis(decision.state, decision.reason))
+        # redis-py types `mapping` Mapping[FieldT, EncodableT]: Mapping's key type is invariant, so it refuses
+        # every dict[str, str] although str is a FieldT.
+        pipe.hset(keys.limits(provider), mapping=_state_to_redis(decision.state, decision.reason))  # type: ignore[arg-type]
         for move in decision.adjustments:
             entry = {"time": now, **asdict(move), "reason": decision.reason}
             pipe.lpush(adjustments_key(provider), json.dumps(entry))

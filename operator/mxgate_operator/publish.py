@@ -43,7 +43,9 @@ async def publish_policies(redis: aioredis.Redis, policies: Sequence[ProviderPol
 async def publish_effective_limits(redis: aioredis.Redis, provider: str, effective: Effective) -> None:
     """Put new live limits in force for ``provider`` and tell every gateway at once."""
     pipe = redis.pipeline(transaction=True)
-    pipe.hset(keys.limits(provider), mapping=effective.to_redis())
+    # redis-py types `mapping` Mapping[FieldT, EncodableT]: Mapping's key type is invariant, so it refuses
+    # every dict[str, str] although str is a FieldT.
+    pipe.hset(keys.limits(provider), mapping=effective.to_redis())  # type: ignore[arg-type]
     pipe.publish(keys.EVENTS, f"{keys.EVENT_LIMITS} {provider}")
     await pipe.execute()
 
