@@ -35,7 +35,7 @@ import socket
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import redis.asyncio as aioredis
@@ -57,6 +57,7 @@ log = logging.getLogger("mxgate.operator")
 FINALIZER = f"{GROUP}/redis-state"
 REPUBLISH_INTERVAL = 30.0   # seconds: a Redis that lost its data gets the table back this soon
 TICK = 1.0                  # seconds between lease samples; evaluation follows each policy's window
+POLICY_INDEX = "policy_index"   # the index's id: kopf passes the index to every handler under this keyword
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,12 @@ def parse_object(body: Mapping[str, Any]) -> Parsed:
         return Parsed(ProviderPolicy.model_validate(document), None, deleting)
     except ValidationError as exc:
         return Parsed(None, format_validation_error("spec", exc).replace("spec: spec.", "spec."), deleting)
+
+
+def _policy_index(kwargs: Mapping[str, Any]) -> kopf.Index[str, Parsed]:
+    """The index from a handler's keywords. kopf's handler protocols (ChangingFn, TimerFn) cannot name an
+    extra keyword such as an index, so handlers take it from ``**kwargs``."""
+    return cast("kopf.Index[str, Parsed]", kwargs[POLICY_INDEX])
 
 
 def _entries(index: Mapping[str, Iterable[Parsed]]) -> dict[str, Parsed]:
@@ -195,7 +202,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         if runtime is not None:
             await runtime.redis.aclose()
 
-    @kopf.index(*resource, id="policy_index", registry=registry)
+    @kopf.index(*resource, id=POLICY_INDEX, registry=registry)
     def policy_index(name: str, body: kopf.Body, **_: Any) -> dict[str, Parsed]:
         return {name: parse_object(body)}
 
@@ -203,11 +210,11 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     @kopf.on.create(*resource, id="reconcile", registry=registry)
     @kopf.on.update(*resource, id="reconcile", field="spec", registry=registry)
     async def reconcile(*, name: str, body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
-                        memo: kopf.Memo, policy_index: kopf.Index[str, Parsed], **_: Any) -> None:
+                        memo: kopf.Memo, **kwargs: Any) -> None:
         runtime: Runtime = memo.runtime
         generation = meta.get("generation")
         entry = parse_object(body)
-        await publish_table(runtime, policy_index)
+        await publish_table(runtime, _policy_index(kwargs))
         if entry.policy is None:
             assert entry.error is not None
             kopf.event(body, type="Warning", reason="InvalidSpec", message=entry.error[:1000])
@@ -221,20 +228,19 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
                                           observation=observation, previous=status, now=time.time()))
 
     @kopf.on.delete(*resource, id="remove", registry=registry)
-    async def remove(*, name: str, memo: kopf.Memo, policy_index: kopf.Index[str, Parsed], logger: logging.Logger,
-                     **_: Any) -> None:
+    async def remove(*, name: str, memo: kopf.Memo, logger: kopf.Logger, **kwargs: Any) -> None:
         runtime: Runtime = memo.runtime
-        remaining = await publish_table(runtime, policy_index, without=name)
+        remaining = await publish_table(runtime, _policy_index(kwargs), without=name)
         cleared = await clear_provider_state(runtime.redis, name)
         runtime.loop.forget(name)
         logger.info(f"policy {name} removed from the table ({len(remaining)} left); {cleared} Redis keys deleted")
 
     @kopf.timer(*resource, id="control", interval=TICK, registry=registry)
     async def control(*, name: str, body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
-                      memo: kopf.Memo, policy_index: kopf.Index[str, Parsed], **_: Any) -> None:
+                      memo: kopf.Memo, **kwargs: Any) -> None:
         runtime: Runtime = memo.runtime
         if time.monotonic() >= runtime.next_publish:
-            await publish_table(runtime, policy_index)
+            await publish_table(runtime, _policy_index(kwargs))
         entry = parse_object(body)
         if entry.policy is None or entry.deleting:
             return
