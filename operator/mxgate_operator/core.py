@@ -235,7 +235,7 @@ def _climb_target(level: float, good: float | None, bad: float | None) -> float 
 def _needed(adaptive: Adaptive, bad: float | None, next_value: float | None, strikes: int) -> int:
     """Calm windows needed before raising a limit to ``next_value``."""
     if bad is not None and (next_value is None or next_value >= bad):
-        return adaptive.calm_windows * (1 << min(strikes, MAX_STRIKES))   # 2**strikes as an int (strikes >= 0)
+        return adaptive.calm_windows * (1 << max(0, min(strikes, MAX_STRIKES)))   # 2**strikes as an int (strikes >= 0)
     return adaptive.calm_windows
 
 
