@@ -14,8 +14,9 @@ never raised).
 The window read is shifted two seconds into the past: gateways flush each second's counters about a
 second after it ends, so the newest complete second is ``now - 2``. That lag puts the seconds just
 before a change into the next window; they are left out (the window starts the second after the
-change), or deferrals drawn by the old limits would cut the new ones again (run 3 of the demonstration:
-connections 4 -> 2 on refusals seen while the limit was still 6).
+change, and a window with no complete second after it is empty and changes nothing), or deferrals
+drawn by the old limits would cut the new ones again (run 3 of the demonstration: connections 4 -> 2
+on refusals seen while the limit was still 6).
 """
 
 from __future__ import annotations
@@ -171,9 +172,14 @@ class AdaptiveLoop:
         end = int(now) - FLUSH_LAG + 1
         start = end - max(1, round(seconds))
         if since is not None:
-            start = max(start, min(end - 1, int(since) + 1))
-        counts = (await read_window(self.redis, [provider], start=start, end=end))[provider]
-        window = Window.of(float(end - start), counts, peak_connections=self._peak.pop(provider, None))
+            start = max(start, int(since) + 1)
+        if start >= end:
+            # No complete second since the last change yet: nothing is known about the limits now in force
+            # (the seconds before it are the old limits' refusals). An empty window changes nothing.
+            window = Window(seconds=0.0)
+        else:
+            counts = (await read_window(self.redis, [provider], start=start, end=end))[provider]
+            window = Window.of(float(end - start), counts, peak_connections=self._peak.pop(provider, None))
         raw = await self._read_limits(provider)
         state = _state_from_redis(raw, policy)
         decision = decide(policy.spec.adaptive, policy.spec.limits, state, window, now=now)

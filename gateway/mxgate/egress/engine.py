@@ -25,6 +25,7 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -34,7 +35,7 @@ from mxgate.egress.outcome import EXPIRED_STATUS, Verdict, judge
 from mxgate.egress.replies import DeferralClass, SmtpReply
 from mxgate.egress.session import DeliveryReport, GreetingRefused, OutboundSession
 from mxgate.errors import DeliveryError, DnsPermanentError, DnsTemporaryError, SpoolError
-from mxgate.limits.fleet import CapReached, Lease, LimiterUnavailable
+from mxgate.limits.fleet import CapReached, Lease, LimiterUnavailable, PermitAbandoned
 from mxgate.policy import Limits, Warmup
 from mxgate.policybook import PolicyBook
 from mxgate.routing.router import NextHop, Router
@@ -56,7 +57,7 @@ class Limiter(Protocol):
     def connection(self, provider: str, *, limit: int) -> contextlib.AbstractAsyncContextManager[Lease]: ...
     async def message(self, provider: str, *, rate: float | None, burst: int | None,
                       per_hour: int | None = None, per_day: int | None = None,
-                      warmup: Warmup | None = None) -> None: ...
+                      warmup: Warmup | None = None, abort: Callable[[], bool] | None = None) -> None: ...
     async def check_caps(self, provider: str, *, per_hour: int | None = None, per_day: int | None = None,
                          warmup: Warmup | None = None) -> None: ...
     def set_limit(self, provider: str, limit: int) -> None: ...
@@ -220,7 +221,7 @@ class ProviderDispatcher:
         try:
             while not engine.stopping:
                 room = self._prefetch() - len(self.held)
-                if engine.book.suspended_until_ms(self.provider) > time.time() * 1000 or self.capped():
+                if self.suspended() or self.capped():
                     room = 0  # suspended, or the day's (hour's) cap is used up: leave the mail in Redis
                 sleep_for = 1.0
                 if room > 0:
@@ -284,7 +285,7 @@ class ProviderDispatcher:
         limit = self.limits.max_connections
         if time.monotonic() < self.no_new_connections_until:
             limit = min(limit, self.reflex_cap)   # local reflex: replace working connections, add none
-        if self.engine.book.suspended_until_ms(self.provider) > time.time() * 1000 or self.capped():
+        if self.suspended() or self.capped():
             return
         for hops, queue in self.pending.items():
             tasks = self.connections.setdefault(hops, set())
@@ -308,6 +309,8 @@ class ProviderDispatcher:
         while True:
             if lease is not None and lease.must_close:
                 return None
+            if self.suspended():
+                return None   # a connection does not sit out a suspension open; its jobs stay queued here
             queue = self.pending.get(hops)
             if queue and not self.engine.stopping:
                 return queue.popleft()
@@ -343,10 +346,10 @@ class ProviderDispatcher:
         first = await self._next_job(hops, wait=0)
         if first is None:
             return
-        # A provider whose hourly or daily cap is used up (a warm-up day's volume sent) must not see
-        # connections that send nothing: look before connecting. The permit itself is taken per message,
-        # once connected, so a next hop that cannot be reached uses up none of the day's volume.
-        if self._has_cap() and not await self._permit(hops, first, before_connecting=True):
+        # A suspended provider, or one whose hourly or daily cap is used up (a warm-up day's volume sent),
+        # must not see connections that send nothing: look before connecting. The permit itself is taken per
+        # message, once connected, so a next hop that cannot be reached uses up none of the day's volume.
+        if not await self._permit(hops, first, before_connecting=True):
             return
         session = OutboundSession(helo_name=engine.settings.helo_name, resolver=engine.router.resolver,
                                   timeout=engine.settings.command_timeout, starttls=engine.settings.starttls)
@@ -396,21 +399,31 @@ class ProviderDispatcher:
         """Wait for the fleet's permit to send ``job`` (``before_connecting``: only look whether the caps leave
         room). False when the provider's hourly or daily cap is used up: the job goes back to the front of
         its queue (still claimed, so it stays in Redis) and no connection opens or claim is made until the
-        cap resets, the policies change, or ``CAP_RECHECK`` has passed. False too while the provider is
-        suspended: a connection must not sit out a suspension (often hours) open and idle."""
-        if self.engine.book.suspended_until_ms(self.provider) > time.time() * 1000:
+        cap resets, the policies change, or ``CAP_RECHECK`` has passed. False too, with the job queued again,
+        while the provider is suspended or the process is stopping, looked at again after every wait (the
+        pod's rate pause, the fleet's rate wait): a connection must not sit out a suspension (often hours)
+        open, nor send to a provider that was suspended while it waited."""
+        if self.suspended() or self.engine.stopping:
             self.pending.setdefault(hops, deque()).appendleft(job)
             return False
         limiter, limits, warmup = self.engine.limiter, self.limits, self.engine.book.warmup(self.provider)
         try:
             if before_connecting:
-                await limiter.check_caps(self.provider, per_hour=limits.messages_per_hour,
-                                         per_day=limits.messages_per_day, warmup=warmup)
+                if self._has_cap():
+                    await limiter.check_caps(self.provider, per_hour=limits.messages_per_hour,
+                                             per_day=limits.messages_per_day, warmup=warmup)
             else:
+                # Every wait ends by looking again: a suspension (or a shutdown) may have begun meanwhile.
                 await self._wait_while_paused()
+                if self.suspended() or self.engine.stopping:
+                    self.pending.setdefault(hops, deque()).appendleft(job)
+                    return False
                 await limiter.message(self.provider, rate=limits.messages_per_second, burst=limits.burst,
                                       per_hour=limits.messages_per_hour, per_day=limits.messages_per_day,
-                                      warmup=warmup)
+                                      warmup=warmup, abort=self._must_not_send)
+        except PermitAbandoned:
+            self.pending.setdefault(hops, deque()).appendleft(job)
+            return False
         except CapReached as exc:
             self.pending.setdefault(hops, deque()).appendleft(job)
             now = time.monotonic()
@@ -453,14 +466,20 @@ class ProviderDispatcher:
             self.connection_backoff = 0.0
             self.rate_backoff = 0.0
 
+    def suspended(self) -> bool:
+        """Whether the fleet is told to send nothing to this provider now (``suspendedUntil``)."""
+        return self.engine.book.suspended_until_ms(self.provider) > time.time() * 1000
+
+    def _must_not_send(self) -> bool:
+        return self.suspended() or self.engine.stopping
+
     async def _wait_while_paused(self) -> None:
+        """Sit out this pod's own rate reflex pause; a suspension or a shutdown ends the wait at once."""
         while True:
-            now = time.monotonic()
-            suspended = self.engine.book.suspended_until_ms(self.provider) / 1000 - time.time()
-            wait = max(self.paused_until - now, suspended)
-            if wait <= 0 or self.engine.stopping:
+            wait = self.paused_until - time.monotonic()
+            if wait <= 0 or self._must_not_send():
                 return
-            await asyncio.sleep(min(wait, 1.0))
+            await asyncio.sleep(min(wait, 0.5))
 
     async def _attempt(self, session: OutboundSession, job: Job) -> DeliveryReport:
         token = queue_id_var.set(job.queue_id)

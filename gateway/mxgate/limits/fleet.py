@@ -51,6 +51,10 @@ class LimiterUnavailable(MxgateError):
     """Redis could not be asked for a lease or a rate permit: do not send now, try again later."""
 
 
+class PermitAbandoned(MxgateError):
+    """The caller's ``abort`` said, after a rate wait, that the message must not go now after all."""
+
+
 class CapReached(MxgateError):
     """The provider's hourly or daily cap (``cap``: "hour" or "day") is used up for ``retry_after`` seconds."""
 
@@ -217,16 +221,19 @@ class FleetLimiter:
     # -- message rate --------------------------------------------------------------------------------
 
     async def message(self, provider: str, *, rate: float | None, burst: int | None,
-                      per_hour: int | None = None, per_day: int | None = None, warmup: Warmup | None = None) -> None:
+                      per_hour: int | None = None, per_day: int | None = None, warmup: Warmup | None = None,
+                      abort: Callable[[], bool] | None = None) -> None:
         """Wait until the fleet may send one more message to ``provider`` (the rate's short waits only), and
         count it against the hourly and daily caps.
 
         Raises ``CapReached`` when the hourly or daily cap is used up: the caller keeps the mail queued.
+        ``abort`` is asked after every rate wait; if it says so (the provider was suspended meanwhile, the
+        process is stopping), ``PermitAbandoned`` is raised and nothing is taken or counted.
         """
         if rate is None and not per_hour and not per_day and warmup is None:
             return
         await self._ask(provider, rate=rate, burst=burst, per_hour=per_hour, per_day=per_day, warmup=warmup,
-                        peek=False)
+                        peek=False, abort=abort)
 
     async def check_caps(self, provider: str, *, per_hour: int | None = None, per_day: int | None = None,
                          warmup: Warmup | None = None) -> None:
@@ -236,7 +243,8 @@ class FleetLimiter:
                             peek=True)
 
     async def _ask(self, provider: str, *, rate: float | None, burst: int | None, per_hour: int | None,
-                   per_day: int | None, warmup: Warmup | None, peek: bool) -> None:
+                   per_day: int | None, warmup: Warmup | None, peek: bool,
+                   abort: Callable[[], bool] | None = None) -> None:
         interval = 1000.0 / rate if rate else 0.0
         burst_n = burst if burst else default_burst(rate or 1.0)
         now = self.clock()
@@ -264,3 +272,5 @@ class FleetLimiter:
             if kind != "rate":
                 raise CapReached(provider, cap=kind, retry_after=wait)
             await asyncio.sleep(wait)
+            if abort is not None and abort():
+                raise PermitAbandoned(f"{provider}: the message is not to be sent now")

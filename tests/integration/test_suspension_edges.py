@@ -1,20 +1,17 @@
-"""Review findings on the delivery path and the adaptive loop (changes since b7a45e0).
+"""Suspensions that begin while a delivery waits, and the adaptive window right after a change.
 
-These tests FAIL ON PURPOSE until the defects they describe are fixed. Each one runs real parts: a
-real redis-server, a real gateway (ingress + delivery engine) and a real SMTP sink, or the adaptive
-loop against a real Redis with only the clock faked.
+Regression tests for defects a review found (each failed before its fix). Real parts only: a real
+redis-server, a real gateway (ingress + delivery engine) and a real SMTP sink, or the adaptive loop
+against a real Redis with only the clock faked.
 
 1. A suspension that begins while a connection waits for its permit (the rate reflex's pause, or the
-   fleet GCRA's rate wait) is checked only before the wait: the connection sits the suspension out
-   open, holding its lease and claimed job, and after the rate wait, or on shutdown, sends the message
-   to the suspended provider anyway (engine.py ``_permit``; ``_wait_while_paused``; fleet.py ``_ask``).
-2. A connection that gets its lease while the provider is suspended connects (EHLO ... QUIT, nothing
-   sent) when the provider has no hourly/daily cap: the suspension is only looked at after connecting.
-3. An idle connection stays open through a suspension until idleTimeoutSeconds (up to an hour).
-4. The adaptive loop's "leave out the seconds up to the last change" falls back to one second before
-   the change when no complete second after it exists yet (``min(end - 1, ...)``): with a 1 s
-   evaluationWindow on every window after a cut, and after a policy change (``put_in_force``) shortly
-   before a due tick, the old limits' refusals cut the new limits again.
+   fleet GCRA's rate wait) ends the wait: the connection closes with its job queued again, and nothing
+   is sent to the suspended provider, not after the rate wait and not on shutdown.
+2. A connection that gets its lease while the provider is suspended does not connect at all.
+3. An idle connection closes when the provider is suspended (not at idleTimeoutSeconds).
+4. The adaptive loop leaves out the seconds up to the last change even when no complete second after
+   it exists yet (an empty window, no decision): with a 1 s evaluationWindow after every cut, and after
+   a policy change shortly before a due tick, the old limits' refusals never cut the new limits again.
 """
 
 from __future__ import annotations
