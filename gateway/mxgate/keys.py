@@ -21,7 +21,8 @@ small (the policy table, the provider index).
 
   Fleet limits (per egress identity <id>: the sending IP or pool; "default" until pools exist)
     mxg:{p:<provider>}:limits       HASH    effective limits in force now (controller/operator writes):
-                                            maxConnections, messagesPerSecond, burst, ... (see limits/)
+                                            maxConnections, messagesPerSecond, suspendedUntil, reason, and the
+                                            controller's state (see limits/effective.py, adaptive.py)
     mxg:{p:<provider>}:leases:<id>  ZSET    connection lease token -> expiry ms (a distributed semaphore)
     mxg:{p:<provider>}:closing:<id> SET     leases above a lowered limit whose connection must close
     mxg:{p:<provider>}:waiters:<id> ZSET    waiting connection attempt -> arrival ms (FIFO across pods)

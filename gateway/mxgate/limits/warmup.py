@@ -9,9 +9,9 @@ step's day the ramp is over and only ``limits.messagesPerDay`` caps the day.
 Which clock says what "today" is: the Redis server's. The daily counter the cap is checked against
 is keyed by the day number of Redis time (``gcra.lua``), so the cap must be computed for that same
 day, or a pod whose clock runs a minute ahead would apply tomorrow's larger volume to today's count.
-``FleetLimiter.message`` guesses the day from the pod's clock, computes the cap for it, and the script
-refuses a wrong guess and names the right day; the cap is then computed again for that day. Every pod
-therefore agrees on the day, and on the cap, at midnight UTC.
+``FleetLimiter`` (``message`` and ``check_caps``) guesses the day from the pod's clock, computes the cap
+for it, and the script refuses a wrong guess and names the right day; the cap is then computed again
+for that day. Every pod therefore agrees on the day, and on the cap, at midnight UTC.
 """
 
 from __future__ import annotations
