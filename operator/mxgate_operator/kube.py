@@ -56,6 +56,10 @@ log = logging.getLogger("mxgate.operator")
 
 FINALIZER = f"{GROUP}/redis-state"
 REPUBLISH_INTERVAL = 30.0   # seconds: a Redis that lost its data gets the table back this soon
+# Seconds a replica's peering entry lives without a keep-alive (kopf sends one every lifetime - 5..10 s).
+# A killed active replica is presumed dead this long after its last keep-alive, then a standby takes over;
+# kopf's 60 s default would leave limits unmanaged for a minute. One small PATCH per ~12 s per replica.
+PEERING_LIFETIME = 20
 TICK = 1.0                  # seconds between lease samples; evaluation follows each policy's window
 POLICY_INDEX = "policy_index"   # the index's id: kopf passes the index to every handler under this keyword
 
@@ -180,6 +184,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
         settings.persistence.finalizer = FINALIZER
         settings.scanning.disabled = True          # one namespace, no cluster-wide RBAC
+        settings.peering.lifetime = PEERING_LIFETIME
         settings.posting.level = logging.WARNING   # kopf's own INFO logs are not Events; ours are explicit
         settings.watching.server_timeout = 300
         settings.execution.max_workers = 4

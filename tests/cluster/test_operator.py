@@ -23,6 +23,7 @@ import yaml
 
 from mxgate import keys
 from mxgate.embedded_redis import EmbeddedRedis, free_port
+from mxgate_operator.kube import PEERING_LIFETIME
 from support.kubeapi import KubeAPI
 from support.procs import MxgateProcess, Processes
 
@@ -218,20 +219,32 @@ async def test_invalid_spec_is_reported_and_the_last_good_version_stays(kube: Ku
     assert json.loads(await redis.hget(keys.POLICIES, "yahoo"))["spec"]["limits"]["maxConnections"] == 3
 
 
+def peers(kube: KubeAPI, namespace: str) -> dict[str, Any]:
+    return json.loads(kube.kubectl("get", "kopfpeering", "mxgate", "-n", namespace, "-o", "json").stdout
+                      ).get("status") or {}
+
+
+async def start_peers(procs: Processes, kube: KubeAPI, redis_server: EmbeddedRedis, namespace: str
+                      ) -> tuple[MxgateProcess, MxgateProcess]:
+    """Two replicas, the higher priority one first (as after a rollout). Started at the same instant, the
+    lower one may handle the objects once before it sees the other's keep-alive and pauses (kopf's
+    start-up window; every handler here is idempotent), which is not what these tests are about."""
+    high = start_operator(procs, kube, redis_server, namespace, "operator-high", "--priority", "200")
+    await eventually(lambda: len(peers(kube, namespace)) == 1, timeout=60, what="the first replica's keep-alive",
+                     operators=(high,))
+    low = start_operator(procs, kube, redis_server, namespace, "operator-low", "--priority", "100")
+    await eventually(lambda: len(peers(kube, namespace)) == 2, timeout=60,
+                     what="both replicas in the peering object", operators=(high, low))
+    return high, low
+
+
 async def test_two_replicas_with_peering_have_one_active(kube: KubeAPI, namespace: str, procs: Processes,
                                                           redis_server: EmbeddedRedis, redis: aioredis.Redis) -> None:
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(
         {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "mxgate"}}))
-    high = start_operator(procs, kube, redis_server, namespace, "operator-high", "--priority", "200")
-    low = start_operator(procs, kube, redis_server, namespace, "operator-low", "--priority", "100")
+    high, low = await start_peers(procs, kube, redis_server, namespace)
     ops = (high, low)
-
-    def peers() -> dict[str, Any]:
-        return json.loads(kube.kubectl("get", "kopfpeering", "mxgate", "-n", namespace, "-o", "json").stdout
-                          ).get("status") or {}
-    await eventually(lambda: len(peers()) == 2, timeout=60, what="both replicas in the peering object",
-                     operators=ops)
-    assert sorted(p["priority"] for p in peers().values()) == [100, 200]
+    assert sorted(p["priority"] for p in peers(kube, namespace).values()) == [100, 200]
 
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=policy("gmail"))
     await eventually(lambda: get(kube, namespace, "gmail").get("status", {}).get("state") == "Ready",
@@ -281,3 +294,24 @@ async def test_warmup_day_and_a_used_up_day_in_the_status(kube: KubeAPI, namespa
     obj = await eventually(lambda: (o := get(kube, namespace, "gmail"))["status"].get("state") == "Capped" and o,
                            timeout=30, what="state Capped", operators=(operator,))
     assert obj["status"]["daily"]["sentToday"] == 300
+
+
+async def test_a_killed_active_replica_is_replaced_within_the_peering_lifetime(
+        kube: KubeAPI, namespace: str, procs: Processes, redis_server: EmbeddedRedis, redis: aioredis.Redis) -> None:
+    """kill -9 leaves no goodbye in the peering object: the standby waits out the dead one's entry."""
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(
+        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "mxgate"}}))
+    high, low = await start_peers(procs, kube, redis_server, namespace)
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=policy("gmail"))
+    await eventually(lambda: get(kube, namespace, "gmail").get("status", {}).get("state") == "Ready",
+                     timeout=60, what="gmail reconciled", operators=(high, low))
+    assert "reconcile" not in low.log()
+
+    high.kill_group()
+    killed_at = time.monotonic()
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=policy("aol"))
+    await eventually(lambda: get(kube, namespace, "aol").get("status", {}).get("state") == "Ready",
+                     timeout=PEERING_LIFETIME + 30, what="aol reconciled by the standby", operators=(low,))
+    log_line = f"standby took over {time.monotonic() - killed_at:.1f}s after the kill (lifetime {PEERING_LIFETIME}s)"
+    print(log_line)
+    assert await redis.hexists(keys.POLICIES, "aol")
