@@ -1,4 +1,4 @@
-"""Shared fixtures: a real redis-server per test session, flushed between tests."""
+"""Shared fixtures: a real redis-server per test session, flushed between tests; `mxgate` processes."""
 
 from __future__ import annotations
 
@@ -13,12 +13,22 @@ from mxgate.embedded_redis import EmbeddedRedis
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests.support helpers importable as `support`
 
+from support.procs import Processes
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    """Starts `mxgate` processes; none outlives the test."""
+    processes = Processes(tmp_path)
+    yield processes
+    processes.close()
 
 
 @pytest.fixture

@@ -7,12 +7,9 @@ pods are never scheduled: the process side is covered by test_operator.py and th
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import secrets
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +21,7 @@ from mxgate import keys
 from mxgate.embedded_redis import EmbeddedRedis, free_port
 from support.chart import CHART, FULLNAME, RELEASE
 from support.kubeapi import KubeAPI
-from support.procs import MxgateProcess, Processes
+from support.procs import Processes, eventually
 
 GATEWAY = f"{FULLNAME}-gateway"
 OPERATOR = f"{FULLNAME}-operator"
@@ -202,13 +199,6 @@ def test_gateway_service_account_may_do_nothing(kube: KubeAPI, installed: str) -
 
 # ---- the real operator with nothing but the chart's ServiceAccount ----
 
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    processes = Processes(tmp_path)
-    yield processes
-    processes.close()
-
-
 def service_account_kubeconfig(kube: KubeAPI, namespace: str, account: str, path: Path) -> Path:
     """A kubeconfig that authenticates as the ServiceAccount with a token from the TokenRequest API, as the
     kubelet mounts it into the pod."""
@@ -223,20 +213,6 @@ def service_account_kubeconfig(kube: KubeAPI, namespace: str, account: str, path
     }))
     path.chmod(0o600)
     return path
-
-
-async def eventually(check: Callable[[], Any], *, timeout: float, what: str, operator: MxgateProcess) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        assert operator.returncode is None, f"the operator exited:\n{operator.log_tail(40)}"
-        last = check()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
-        await asyncio.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})\n{operator.log_tail(40)}")
 
 
 async def test_operator_works_with_only_the_charts_service_account(
@@ -258,9 +234,9 @@ async def test_operator_works_with_only_the_charts_service_account(
     async def published() -> bool:
         return bool(await redis_client.hexists(keys.POLICIES, "gmail"))
 
-    await eventually(published, timeout=60, what="the policy in Redis", operator=operator)
+    await eventually(published, timeout=60, what="the policy in Redis", processes=(operator,))
     ready = await eventually(lambda: (p := policy()).get("status", {}).get("state") == "Ready" and p,
-                             timeout=60, what="status Ready", operator=operator)
+                             timeout=60, what="status Ready", processes=(operator,))
     assert "mxgate.io/redis-state" in ready["metadata"]["finalizers"]
     peering = json.loads(kube.kubectl("get", "kopfpeering", FULLNAME, "--namespace", namespace,
                                       "-o", "json").stdout)
@@ -274,7 +250,7 @@ async def test_operator_works_with_only_the_charts_service_account(
         out = kube.kubectl("get", "events", "--namespace", namespace, "-o", "json").stdout
         return [e for e in json.loads(out)["items"] if e["reason"] == "InvalidSpec"]
 
-    [event] = await eventually(invalid_spec_events, timeout=60, what="an InvalidSpec Event", operator=operator)
+    [event] = await eventually(invalid_spec_events, timeout=60, what="an InvalidSpec Event", processes=(operator,))
     assert event["type"] == "Warning" and event["involvedObject"]["name"] == "gmail"
 
     # Delete: the operator cleans Redis and removes its finalizer (a patch), so the object goes.

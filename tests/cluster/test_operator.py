@@ -13,8 +13,7 @@ import contextlib
 import datetime
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -25,16 +24,9 @@ from mxgate import keys
 from mxgate.embedded_redis import EmbeddedRedis, free_port
 from mxgate_operator.kube import PEERING_LIFETIME
 from support.kubeapi import KubeAPI
-from support.procs import MxgateProcess, Processes
+from support.procs import MxgateProcess, Processes, eventually
 
 pytestmark = pytest.mark.usefixtures("crds_installed")
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    processes = Processes(tmp_path)
-    yield processes
-    processes.close()
 
 
 @pytest.fixture
@@ -70,24 +62,6 @@ def get(kube: KubeAPI, namespace: str, name: str) -> dict[str, Any]:
 def events(kube: KubeAPI, namespace: str, name: str) -> list[dict[str, Any]]:
     found = json.loads(kube.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
     return [e for e in found if e["involvedObject"].get("name") == name]
-
-
-async def eventually(check: Callable[[], Any], *, timeout: float, what: str, operators: tuple[MxgateProcess, ...]
-                     = ()) -> Any:
-    """Poll ``check`` (sync or async) until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        for process in operators:
-            assert process.returncode is None, f"{process.name} exited:\n{process.log_tail(40)}"
-        last = check()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
-        await asyncio.sleep(0.25)
-    logs = "\n".join(f"--- {p.name}\n{p.log_tail(40)}" for p in operators)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})\n{logs}")
 
 
 def condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -134,9 +108,9 @@ async def test_reconcile_status_tighten_recover_and_delete(kube: KubeAPI, namesp
     async def published() -> bool:
         # The table first, then the live limits (both within the one reconcile).
         return await redis.hexists(keys.POLICIES, "ms") and await redis.hget(keys.limits("ms"), "maxConnections")
-    assert await eventually(published, timeout=30, what="the policy and its limits in Redis", operators=ops) == b"20"
+    assert await eventually(published, timeout=30, what="the policy and its limits in Redis", processes=ops) == b"20"
     obj = await eventually(lambda: (o := get(kube, namespace, "ms")).get("status", {}).get("conditions") and o,
-                           timeout=30, what="status conditions", operators=ops)
+                           timeout=30, what="status conditions", processes=ops)
     assert condition(obj, "Ready")["status"] == "True"
     assert condition(obj, "Ready")["observedGeneration"] == obj["metadata"]["generation"] == 1
     assert obj["status"]["state"] == "Ready"
@@ -151,7 +125,7 @@ async def test_reconcile_status_tighten_recover_and_delete(kube: KubeAPI, namesp
     kube.kubectl("patch", "providerpolicy", "ms", "-n", namespace, "--type=merge",
                  "-p", json.dumps({"spec": {"limits": {"maxConnections": 16}}}))
     obj = await eventually(lambda: (o := get(kube, namespace, "ms"))["status"].get("observedGeneration") == 2 and o,
-                           timeout=30, what="observedGeneration 2", operators=ops)
+                           timeout=30, what="observedGeneration 2", processes=ops)
     assert obj["status"]["effective"]["maxConnections"] == 16
     assert (await redis.hgetall(keys.limits("ms")))[b"maxConnections"] == b"16"
 
@@ -159,21 +133,21 @@ async def test_reconcile_status_tighten_recover_and_delete(kube: KubeAPI, namesp
     async with fleet_traffic(redis, "ms", {"attempts": 100, "delivered": 60, "deferred_connections": 40},
                              leases=16):
         obj = await eventually(lambda: (o := get(kube, namespace, "ms"))["status"].get("state") == "Throttled" and o,
-                               timeout=30, what="Throttled", operators=ops)
+                               timeout=30, what="Throttled", processes=ops)
     assert obj["status"]["effective"]["maxConnections"] < 16
     assert condition(obj, "Throttled")["status"] == "True"
     assert condition(obj, "Throttled")["reason"] == "BelowCeiling"
     assert obj["status"]["lastAdjustment"]["signal"] == "connections"
     assert float(obj["status"]["observed"]["deferralPercent"]) > 0
     tightened = await eventually(lambda: [e for e in events(kube, namespace, "ms") if e["reason"] == "Tightened"],
-                                 timeout=30, what="a Tightened event", operators=ops)
+                                 timeout=30, what="a Tightened event", processes=ops)
     assert tightened[0]["type"] == "Warning" and "connections 16 ->" in tightened[0]["message"]
 
     # Calm traffic that uses every connection it has: the limit climbs back to the ceiling.
     lowest = int((await redis.hgetall(keys.limits("ms")))[b"maxConnections"])
     async with fleet_traffic(redis, "ms", {"attempts": 100, "delivered": 100}, leases=16):
         obj = await eventually(lambda: (o := get(kube, namespace, "ms"))["status"].get("state") == "Ready" and o,
-                               timeout=90, what="recovery to the ceiling", operators=ops)
+                               timeout=90, what="recovery to the ceiling", processes=ops)
     assert obj["status"]["effective"]["maxConnections"] == 16 > lowest
     assert condition(obj, "Throttled")["status"] == "False"
     recovered = [e for e in events(kube, namespace, "ms") if e["reason"] == "Recovered"]
@@ -197,24 +171,24 @@ async def test_invalid_spec_is_reported_and_the_last_good_version_stays(kube: Ku
     ops = (operator,)
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=policy("yahoo", max_connections=7))
     await eventually(lambda: get(kube, namespace, "yahoo").get("status", {}).get("state") == "Ready",
-                     timeout=30, what="Ready", operators=ops)
+                     timeout=30, what="Ready", processes=ops)
     # The schema cannot tell that this regex does not compile; the operator's model can.
     bad = {"responses": [{"match": "^421 4\\.7\\.0 \\[TSS04(", "action": "Suspend", "duration": "1h"}]}
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=policy("yahoo", max_connections=3, extra=bad))
     obj = await eventually(lambda: (o := get(kube, namespace, "yahoo"))["status"].get("state") == "Invalid" and o,
-                           timeout=30, what="state Invalid", operators=ops)
+                           timeout=30, what="state Invalid", processes=ops)
     ready = condition(obj, "Ready")
     assert (ready["status"], ready["reason"], ready["observedGeneration"]) == ("False", "InvalidSpec", 2)
     assert "responses.0.match" in ready["message"]
     warning = await eventually(lambda: [e for e in events(kube, namespace, "yahoo") if e["reason"] == "InvalidSpec"],
-                               timeout=30, what="an InvalidSpec event", operators=ops)
+                               timeout=30, what="an InvalidSpec event", processes=ops)
     assert warning[0]["type"] == "Warning"
     published = json.loads(await redis.hget(keys.POLICIES, "yahoo"))
     assert published["spec"]["limits"]["maxConnections"] == 7   # the last good version is still in force
 
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=policy("yahoo", max_connections=3))
     obj = await eventually(lambda: (o := get(kube, namespace, "yahoo"))["status"].get("state") == "Ready" and o,
-                           timeout=30, what="Ready again", operators=ops)
+                           timeout=30, what="Ready again", processes=ops)
     assert condition(obj, "Ready")["observedGeneration"] == 3
     assert json.loads(await redis.hget(keys.POLICIES, "yahoo"))["spec"]["limits"]["maxConnections"] == 3
 
@@ -231,10 +205,10 @@ async def start_peers(procs: Processes, kube: KubeAPI, redis_server: EmbeddedRed
     start-up window; every handler here is idempotent), which is not what these tests are about."""
     high = start_operator(procs, kube, redis_server, namespace, "operator-high", "--priority", "200")
     await eventually(lambda: len(peers(kube, namespace)) == 1, timeout=60, what="the first replica's keep-alive",
-                     operators=(high,))
+                     processes=(high,))
     low = start_operator(procs, kube, redis_server, namespace, "operator-low", "--priority", "100")
     await eventually(lambda: len(peers(kube, namespace)) == 2, timeout=60,
-                     what="both replicas in the peering object", operators=(high, low))
+                     what="both replicas in the peering object", processes=(high, low))
     return high, low
 
 
@@ -248,7 +222,7 @@ async def test_two_replicas_with_peering_have_one_active(kube: KubeAPI, namespac
 
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=policy("gmail"))
     await eventually(lambda: get(kube, namespace, "gmail").get("status", {}).get("state") == "Ready",
-                     timeout=60, what="gmail reconciled", operators=ops)
+                     timeout=60, what="gmail reconciled", processes=ops)
     await asyncio.sleep(2)  # a few timer ticks: the standby must stay idle through them
     assert "reconcile" in high.log() and "reconcile" not in low.log(), low.log_tail(40)
     assert "Pausing the watch-stream for providerpolicies" in low.log()
@@ -258,7 +232,7 @@ async def test_two_replicas_with_peering_have_one_active(kube: KubeAPI, namespac
     await high.wait_exit(timeout=60)
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=policy("aol"))
     await eventually(lambda: get(kube, namespace, "aol").get("status", {}).get("state") == "Ready",
-                     timeout=90, what="aol reconciled by the standby", operators=(low,))
+                     timeout=90, what="aol reconciled by the standby", processes=(low,))
     assert "reconcile" in low.log()
     assert await redis.hexists(keys.POLICIES, "aol") and await redis.hexists(keys.POLICIES, "gmail")
 
@@ -271,7 +245,7 @@ async def test_an_empty_namespace_still_gets_a_policy_table(kube: KubeAPI, names
 
     async def table_revision() -> bytes | None:
         return await redis.hget(keys.CONTROL, "rev")
-    await eventually(table_revision, timeout=30, what="a published (empty) table", operators=(operator,))
+    await eventually(table_revision, timeout=30, what="a published (empty) table", processes=(operator,))
     assert await redis.hlen(keys.POLICIES) == 0
 
 
@@ -286,13 +260,13 @@ async def test_warmup_day_and_a_used_up_day_in_the_status(kube: KubeAPI, namespa
     operator = start_operator(procs, kube, redis_server, namespace, "operator", "--standalone")
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=policy("gmail", extra=warmup))
     obj = await eventually(lambda: (o := get(kube, namespace, "gmail")).get("status", {}).get("daily") and o,
-                           timeout=30, what="status.daily", operators=(operator,))
+                           timeout=30, what="status.daily", processes=(operator,))
     assert obj["status"]["daily"] == {"messagesPerDay": 300, "sentToday": 0, "warmupDay": 3}
     assert obj["status"]["state"] == "Ready"
 
     await redis.set(keys.day_count("gmail", day), 300)      # what the gateways count as they send
     obj = await eventually(lambda: (o := get(kube, namespace, "gmail"))["status"].get("state") == "Capped" and o,
-                           timeout=30, what="state Capped", operators=(operator,))
+                           timeout=30, what="state Capped", processes=(operator,))
     assert obj["status"]["daily"]["sentToday"] == 300
 
 
@@ -304,14 +278,14 @@ async def test_a_killed_active_replica_is_replaced_within_the_peering_lifetime(
     high, low = await start_peers(procs, kube, redis_server, namespace)
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=policy("gmail"))
     await eventually(lambda: get(kube, namespace, "gmail").get("status", {}).get("state") == "Ready",
-                     timeout=60, what="gmail reconciled", operators=(high, low))
+                     timeout=60, what="gmail reconciled", processes=(high, low))
     assert "reconcile" not in low.log()
 
     high.kill_group()
     killed_at = time.monotonic()
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=policy("aol"))
     await eventually(lambda: get(kube, namespace, "aol").get("status", {}).get("state") == "Ready",
-                     timeout=PEERING_LIFETIME + 30, what="aol reconciled by the standby", operators=(low,))
+                     timeout=PEERING_LIFETIME + 30, what="aol reconciled by the standby", processes=(low,))
     log_line = f"standby took over {time.monotonic() - killed_at:.1f}s after the kill (lifetime {PEERING_LIFETIME}s)"
     print(log_line)
     assert await redis.hexists(keys.POLICIES, "aol")

@@ -1,4 +1,4 @@
-"""Fixtures for tests that run mxgate as real processes."""
+"""Fixtures for tests that run mxgate and Redis as real processes (`procs` is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,6 @@ from pathlib import Path
 import pytest
 
 from mxgate.embedded_redis import EmbeddedRedis
-from support.procs import Processes
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    """Starts `mxgate` processes; none outlives the test."""
-    processes = Processes(tmp_path)
-    yield processes
-    processes.close()
 
 
 @pytest.fixture

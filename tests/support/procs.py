@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import aiosmtplib
@@ -75,6 +76,25 @@ async def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str
         if loop.time() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+async def eventually(check: Callable[[], Any], *, timeout: float, what: str,
+                     processes: Sequence[MxgateProcess] = ()) -> Any:
+    """Poll ``check`` (sync or async) until it returns something truthy, and return that. Fails at once,
+    with the log, if one of ``processes`` exits; on timeout with the last value and their logs."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        for process in processes:
+            assert process.returncode is None, f"{process.name} exited:\n{process.log_tail(40)}"
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(0.25)
+    logs = "\n".join(f"--- {p.name}\n{p.log_tail(40)}" for p in processes)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})\n{logs}")
 
 
 def duplicate_count(sink: Sink) -> int:
