@@ -30,6 +30,7 @@ from mxgate.policy import ProviderPolicy, parse_policy
 from mxgate_operator.adaptive import AdaptiveLoop
 from mxgate_operator.publish import publish_policies
 from support.gateway import policy, publish, running_gateway
+from support.procs import wait_until
 from support.sink import Sink, SinkHandler
 
 RATE_REPLY = "451 4.7.28 Our system has detected an unusual rate of unsolicited mail: rate limited"
@@ -49,16 +50,16 @@ class RecordingHandler(SinkHandler):
         return reply
 
 
-async def _until(predicate: Any, *, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
+async def _suspend_from_another_gateway(redis_client: aioredis.Redis, gw: Any, *, seconds: int,
+                                       other_pod: FleetLimiter | None = None) -> None:
+    """Another gateway suspends yahoo (the real suspend script, as a Suspend rule would); wait until ours knows."""
+    other_pod = other_pod or FleetLimiter(redis_client)
+    await other_pod.suspend("yahoo", seconds=seconds, reason="Suspend rule: 421 4.7.0 [TSS04] (another gateway)")
+    await wait_until(lambda: gw.book.suspended_until_ms("yahoo") > time.time() * 1000, timeout=5,
+                     what="the gateway to see the suspension", interval=0.02)
 
 
-async def _paused_connection_then_suspended(redis_server: EmbeddedRedis, redis_client: aioredis.Redis,
-                                            sink: Sink, gw: Any) -> None:
+async def _paused_connection_then_suspended(redis_client: aioredis.Redis, sink: Sink, gw: Any) -> None:
     """Queue two jobs behind one connection; the first draws a rate deferral (the pod pauses 0.5 s); during
     that pause another gateway suspends the provider (the real suspend script, as a Suspend rule would)."""
     other_pod = FleetLimiter(redis_client)
@@ -73,21 +74,20 @@ async def _paused_connection_then_suspended(redis_server: EmbeddedRedis, redis_c
         await asyncio.sleep(0.5)
     await asyncio.wait_for(handler.rate_answered.wait(), timeout=10)
     await asyncio.sleep(0.1)          # the gateway is now in its 0.5 s rate pause, waiting to send job 2
-    await other_pod.suspend("yahoo", seconds=60, reason="Suspend rule: 421 4.7.0 [TSS04] (another gateway)")
+    await _suspend_from_another_gateway(redis_client, gw, seconds=60, other_pod=other_pod)
     await other_pod.close()
-    await _until(lambda: gw.book.suspended_until_ms("yahoo") > time.time() * 1000)
 
 
 async def test_a_connection_paused_when_the_suspension_begins_does_not_sit_it_out_open(
         redis_server: EmbeddedRedis, redis_client: aioredis.Redis) -> None:
-    # engine.py _permit: the suspension is checked before _wait_while_paused, which then waits out the
-    # suspension itself (its `suspended` term) with the connection, its lease and the job held.
+    # Was: _permit looked at the suspension only before _wait_while_paused, which then waited the suspension
+    # out with the connection, its lease and the job held.
     sink = await Sink(RecordingHandler(rcpt_replies={"slow@yahoo.test": RATE_REPLY})).start()
     try:
         await publish(redis_server.url, [policy("yahoo", domains=["yahoo.test"], route=[f"127.0.0.1:{sink.port}"],
                                                 maxConnections=1)])
         async with running_gateway(redis_server.url) as gw:
-            await _paused_connection_then_suspended(redis_server, redis_client, sink, gw)
+            await _paused_connection_then_suspended(redis_client, sink, gw)
             await asyncio.sleep(2.0)     # the pause ended 1.5 s ago; a suspended provider gets no open connection
             open_during_suspension = sink.open
             leases = await redis_client.zcount(keys.leases("yahoo"), int(time.time() * 1000), "+inf")
@@ -101,14 +101,14 @@ async def test_a_connection_paused_when_the_suspension_begins_does_not_sit_it_ou
 
 async def test_a_shutdown_during_a_suspension_sends_nothing_to_the_suspended_provider(
         redis_server: EmbeddedRedis, redis_client: aioredis.Redis) -> None:
-    # Same start; then the gateway shuts down. _wait_while_paused returns as soon as `stopping` is set and
-    # _permit goes on to take the rate permit and send, though the provider is suspended for another minute.
+    # Same start; then the gateway shuts down. Was: _wait_while_paused returned as soon as `stopping` was set
+    # and _permit went on to take the rate permit and send, though the provider was suspended.
     sink = await Sink(RecordingHandler(rcpt_replies={"slow@yahoo.test": RATE_REPLY})).start()
     try:
         await publish(redis_server.url, [policy("yahoo", domains=["yahoo.test"], route=[f"127.0.0.1:{sink.port}"],
                                                 maxConnections=1)])
         async with running_gateway(redis_server.url) as gw:
-            await _paused_connection_then_suspended(redis_server, redis_client, sink, gw)
+            await _paused_connection_then_suspended(redis_client, sink, gw)
             await asyncio.sleep(1.0)
             assert sink.handler.messages == []
         until = int(await redis_client.hget(keys.limits("yahoo"), "suspendedUntil"))
@@ -121,9 +121,8 @@ async def test_a_shutdown_during_a_suspension_sends_nothing_to_the_suspended_pro
 
 async def test_a_rate_wait_that_outlasts_the_start_of_a_suspension_sends_nothing(
         redis_server: EmbeddedRedis, redis_client: aioredis.Redis) -> None:
-    # fleet.py _ask sleeps out a GCRA refusal and asks again; engine.py _permit checked the suspension only
-    # before. At 0.2 msg/s the second message waits 5 s for its permit; a suspension 1 s into that wait
-    # does not stop it.
+    # At 0.2 msg/s the second message waits 5 s for its permit (fleet.py _ask). Was: a suspension 1 s into
+    # that wait did not stop it (now `abort` is asked after every rate wait).
     sink = await Sink().start()
     try:
         await publish(redis_server.url, [parse_policy({
@@ -137,9 +136,7 @@ async def test_a_rate_wait_that_outlasts_the_start_of_a_suspension_sends_nothing
                 await smtp.sendmail("app@example.com", ["b@yahoo.test"], b"Subject: 2\r\n\r\nx\r\n")
             await sink.wait_for(1)
             await asyncio.sleep(1.0)      # the second job is now in the rate wait (about 4 s left)
-            other_pod = FleetLimiter(redis_client)
-            await other_pod.suspend("yahoo", seconds=60, reason="Suspend rule: 421 4.7.0 [TSS04] (another gateway)")
-            await _until(lambda: gw.book.suspended_until_ms("yahoo") > time.time() * 1000)
+            await _suspend_from_another_gateway(redis_client, gw, seconds=60)
             await asyncio.sleep(5.5)      # past the end of the rate wait
             sent = [m.rcpt_tos for m in sink.handler.messages]
             assert len(sent) == 1, f"both sent, the second to the suspended provider after the rate wait: {sent}"
@@ -149,8 +146,8 @@ async def test_a_rate_wait_that_outlasts_the_start_of_a_suspension_sends_nothing
 
 async def test_a_connection_granted_during_a_suspension_does_not_connect(
         redis_server: EmbeddedRedis, redis_client: aioredis.Redis) -> None:
-    # engine.py _use_connection looks before connecting only when the provider has a cap (_has_cap); a
-    # suspension is first looked at by _permit after session.open: an empty connection to a suspended provider.
+    # Was: _use_connection looked before connecting only when the provider had a cap, so a suspension was
+    # first seen after session.open: an empty connection (EHLO, QUIT) to a suspended provider.
     sink = await Sink().start()
     try:
         await publish(redis_server.url, [policy("yahoo", domains=["yahoo.test"], route=[f"127.0.0.1:{sink.port}"],
@@ -161,8 +158,7 @@ async def test_a_connection_granted_during_a_suspension_does_not_connect(
                 async with aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.port) as smtp:
                     await smtp.sendmail("app@example.com", ["a@yahoo.test"], b"Subject: 1\r\n\r\nx\r\n")
                 await asyncio.sleep(0.5)      # the job is claimed; its connection waits for the lease
-                await other_pod.suspend("yahoo", seconds=60, reason="Suspend rule: 421 4.7.0 [TSS04]")
-                await _until(lambda: gw.book.suspended_until_ms("yahoo") > time.time() * 1000)
+                await _suspend_from_another_gateway(redis_client, gw, seconds=60, other_pod=other_pod)
             # The other gateway's connection closed (as a suspension makes it): the lease goes to our waiter.
             await asyncio.sleep(1.5)
             assert await redis_client.zcard(keys.queue("yahoo")) == 1
@@ -175,8 +171,8 @@ async def test_a_connection_granted_during_a_suspension_does_not_connect(
 
 async def test_an_idle_connection_closes_when_the_provider_is_suspended(
         redis_server: EmbeddedRedis, redis_client: aioredis.Redis) -> None:
-    # engine.py _next_job: an idle connection waits idleTimeoutSeconds (up to 3600) for a job, and nothing
-    # there looks at the suspension; it closes only when a job comes back into its queue or at the timeout.
+    # Was: an idle connection waited idleTimeoutSeconds (up to 3600) for a job in _next_job, which did not
+    # look at the suspension.
     sink = await Sink().start()
     try:
         await publish(redis_server.url, [policy("yahoo", domains=["yahoo.test"], route=[f"127.0.0.1:{sink.port}"],
@@ -187,9 +183,7 @@ async def test_an_idle_connection_closes_when_the_provider_is_suspended(
             await sink.wait_for(1)
             await asyncio.sleep(0.5)
             assert sink.open == 1                      # kept for reuse, idle
-            other_pod = FleetLimiter(redis_client)
-            await other_pod.suspend("yahoo", seconds=3600, reason="Suspend rule: 421 4.7.0 [TSS04] (another gateway)")
-            await _until(lambda: gw.book.suspended_until_ms("yahoo") > time.time() * 1000)
+            await _suspend_from_another_gateway(redis_client, gw, seconds=3600)
             await asyncio.sleep(2.0)
             assert sink.open == 0, "an idle connection stays open to the suspended provider until its idle timeout"
     finally:
