@@ -137,8 +137,7 @@ def _state(effective: Effective, ceiling: Limits, *, suspended: bool, capped: bo
         return "suspended"
     if capped:
         return "capped"     # the day's cap (a warm-up day's volume) is sent: the rest waits for tomorrow
-    if (effective.max_connections < ceiling.max_connections
-            or (ceiling.messages_per_second or 0) > (effective.messages_per_second or 0) > 0):
+    if effective.below(ceiling):
         return "throttled"
     return "ok"
 

@@ -66,11 +66,9 @@ def policy_status(*, generation: int | None, ceiling: Limits, observation: Obser
     eff = observation.effective
     old_conditions = previous.get("conditions") or []
     suspended = eff.suspended_until_ms / 1000 > now
-    below = [f"connections {eff.max_connections}/{ceiling.max_connections}"] if (
-        eff.max_connections < ceiling.max_connections) else []
-    if eff.messages_per_second is not None and (
-            ceiling.messages_per_second is None or eff.messages_per_second < ceiling.messages_per_second):
-        below.append(f"rate {_number(eff.messages_per_second)}/{_number(ceiling.messages_per_second)} msg/s")
+    shown = {"connections": f"connections {eff.max_connections}/{ceiling.max_connections}",
+             "rate": f"rate {_number(eff.messages_per_second)}/{_number(ceiling.messages_per_second)} msg/s"}
+    below = [shown[limit] for limit in eff.below(ceiling)]
     reason_text = f" ({eff.reason})" if eff.reason else ""
     conditions = [
         _condition("Ready", True, "InForce", "the policy's limits are in force on the fleet",

@@ -58,6 +58,14 @@ class Effective:
                 "messagesPerSecond": "" if self.messages_per_second is None else f"{self.messages_per_second:g}",
                 "suspendedUntil": str(self.suspended_until_ms), "reason": self.reason}
 
+    def below(self, ceiling: Limits) -> tuple[str, ...]:
+        """Which live limits are under the policy's ceiling: "connections", "rate" (a live rate under a
+        ceiling without one is, too: the controller imposed it). Empty: at the ceiling."""
+        rate = self.messages_per_second
+        return (*(("connections",) if self.max_connections < ceiling.max_connections else ()),
+                *(("rate",) if rate is not None and (ceiling.messages_per_second is None
+                                                   or rate < ceiling.messages_per_second) else ()))
+
     def applied_to(self, limits: Limits) -> Limits:
         return limits.model_copy(update={"max_connections": self.max_connections,
                                          "messages_per_second": self.messages_per_second})
