@@ -34,21 +34,12 @@ from mxgate import keys
 from mxgate.limits.effective import Effective
 from mxgate.policy import DEFAULT_POLICY_NAME, ProviderPolicy
 from mxgate.telemetry.fleet import read_window
-from mxgate_operator.core import Adjustment, ControlState, Decision, Window, decide, window_seconds
+from mxgate_operator.core import Adjustment, ControlState, Decision, Window, decide, moves_between, window_seconds
 
 log = logging.getLogger("mxgate.adaptive")
 
 FLUSH_LAG = 2           # seconds: the newest complete telemetry second is now - FLUSH_LAG
 ADJUSTMENTS_KEPT = 200
-
-
-def _moves(old: ControlState, new: ControlState) -> list[Adjustment]:
-    moves = []
-    if old.connections != new.connections:
-        moves.append(Adjustment("policy", "connections", old.connections, new.connections))
-    if old.rate != new.rate:
-        moves.append(Adjustment("policy", "rate", old.rate, new.rate))
-    return moves
 
 
 adjustments_key = keys.adjustments   # named in mxgate.keys (mxgate status reads it too)
@@ -205,7 +196,7 @@ class AdaptiveLoop:
                                   rate=float(raw[b"messagesPerSecond"]) if raw.get(b"messagesPerSecond") else None)
         except ValueError:
             stored = state
-        moves = tuple(_moves(stored, decision.state)) if raw else ()
+        moves = moves_between(stored, decision.state, "policy") if raw else ()
         decision = Decision(decision.state, moves, "policy changed" if moves else decision.reason)
         if moves or not raw:
             await self._write(policy.name, decision, now=now)

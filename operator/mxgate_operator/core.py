@@ -144,8 +144,8 @@ def decide(adaptive: Adaptive, ceiling: Limits, state: ControlState, window: Win
         state = replace(state, suspended_until=0.0)
     if not adaptive.enabled:
         target = ControlState.at_ceiling(ceiling)
-        return Decision(replace(target, suspended_until=state.suspended_until), _diff(state, target, "recovery"),
-                        "adaptive control is off")
+        return Decision(replace(target, suspended_until=state.suspended_until),
+                        moves_between(state, target, "recovery"), "adaptive control is off")
     total = window.outcomes
     if total == 0:
         return Decision(state, (), "no traffic in the window")
@@ -289,7 +289,8 @@ def _clamp_to_ceiling(state: ControlState, ceiling: Limits, adaptive: Adaptive) 
     return replace(state, connections=connections, rate=rate)
 
 
-def _diff(old: ControlState, new: ControlState, signal: str) -> tuple[Adjustment, ...]:
+def moves_between(old: ControlState, new: ControlState, signal: str) -> tuple[Adjustment, ...]:
+    """The limits that differ between two states, as adjustments attributed to ``signal``."""
     moves = []
     if old.connections != new.connections:
         moves.append(Adjustment(signal, "connections", old.connections, new.connections))
