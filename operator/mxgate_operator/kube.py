@@ -111,6 +111,12 @@ def _policy_index(kwargs: Mapping[str, Any]) -> kopf.Index[str, Parsed]:
     return cast("kopf.Index[str, Parsed]", kwargs[POLICY_INDEX])
 
 
+def _own_entry(kwargs: Mapping[str, Any], name: str) -> Parsed:
+    """The handler's own object as the index parsed it (kopf indexes each event before any handler runs,
+    so a handler never validates the spec again)."""
+    return next(iter(_policy_index(kwargs)[name]))
+
+
 def _entries(index: Mapping[str, Iterable[Parsed]]) -> dict[str, Parsed]:
     return {name: entry for name, store in index.items() for entry in store}
 
@@ -218,7 +224,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
                         memo: kopf.Memo, **kwargs: Any) -> None:
         runtime: Runtime = memo.runtime
         generation = meta.get("generation")
-        entry = parse_object(body)
+        entry = _own_entry(kwargs, name)
         await publish_table(runtime, _policy_index(kwargs))
         if entry.policy is None:
             assert entry.error is not None
@@ -246,7 +252,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         runtime: Runtime = memo.runtime
         if time.monotonic() >= runtime.next_publish:
             await publish_table(runtime, _policy_index(kwargs))
-        entry = parse_object(body)
+        entry = _own_entry(kwargs, name)
         if entry.policy is None or entry.deleting:
             return
         evaluation = await runtime.loop.tick_one(entry.policy)
