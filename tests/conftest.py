@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from mxgate.embedded_redis import EmbeddedRedis
+from mxgate.redisconn import RedisConnection, parse_redis_url
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests.support helpers importable as `support`
 
@@ -37,6 +38,15 @@ async def redis_client(redis_server: EmbeddedRedis) -> AsyncIterator[aioredis.Re
     await client.flushall()
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def redis_connection(redis_server: EmbeddedRedis, redis_client: aioredis.Redis) -> AsyncIterator[RedisConnection]:
+    """mxgate's own connection object to the (flushed) session Redis, as the gateway makes it."""
+    connection = RedisConnection(parse_redis_url(redis_server.url))
+    await connection.initialize()
+    yield connection
+    await connection.aclose()
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:

@@ -21,16 +21,16 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import redis.asyncio as aioredis
 from aiosmtpd.smtp import SMTP
 
 from mxgate.egress.engine import DeliveryEngine, EngineSettings
-from mxgate.errors import ConfigError
+from mxgate.errors import ConfigError, SpoolError
 from mxgate.ingress.auth import Authenticator, Credentials
 from mxgate.ingress.handler import IngressHandler, IngressPolicy, IPNetwork
 from mxgate.ingress.smtp import IngressSMTP
 from mxgate.limits.fleet import FleetLimiter
 from mxgate.policybook import PolicyBook
+from mxgate.redisconn import RedisConnection, parse_redis_url
 from mxgate.routing.dns import MxResolver
 from mxgate.routing.router import Router
 from mxgate.spool.store import Spool
@@ -38,7 +38,7 @@ from mxgate.tasks import cancel_and_wait
 from mxgate.telemetry.fleet import TelemetryRecorder
 from mxgate.telemetry.health import HealthServer
 from mxgate.telemetry.metrics import Metrics
-from mxgate.telemetry.redis_cost import connect_redis
+from mxgate.telemetry.redis_cost import register_round_trips
 
 log = logging.getLogger("mxgate.gateway")
 
@@ -50,7 +50,15 @@ class GatewaySettings:
     """Everything one gateway process needs; the CLI and the Helm chart fill it in."""
 
     redis_url: str
-    """Redis holding the spool, policies and limits (``redis://[:password@]host:port/db``)."""
+    """Redis holding the spool, policies and limits: ``redis://``, ``rediss://``, ``unix://``,
+    ``redis+sentinel://`` or ``redis+cluster://`` (see ``mxgate.redisconn``)."""
+    redis_password: str | None = field(default=None, repr=False)
+    """Password for the Redis nodes (and sentinels), read from a file; overrides one in the URL."""
+    replica_acks: int | None = None
+    """Replicas that must have a message before it is answered 250; None: auto (1 once the primary has a
+    replica, 0 on a lone Redis)."""
+    replica_ack_timeout: float = 1.0
+    """Seconds to wait for those replicas; a message not replicated by then gets 451 4.3.0."""
     listen: tuple[str, int] = ("0.0.0.0", 2525)
     """SMTP listen address."""
     metrics_listen: tuple[str, int] | None = ("0.0.0.0", 9325)
@@ -95,12 +103,18 @@ class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.stopping = False
-        self.redis = connect_redis(settings.redis_url)
+        target = parse_redis_url(settings.redis_url)
+        if settings.redis_password:
+            target = target.with_password(settings.redis_password)
+        register_round_trips()
+        self.connection = RedisConnection(target, replica_acks=settings.replica_acks,
+                                          replica_ack_timeout=settings.replica_ack_timeout)
+        self.redis = self.connection.client
         self.recorder = TelemetryRecorder(self.redis)
         self.metrics = Metrics(recorder=self.recorder)
         self.limiter = FleetLimiter(self.redis, lease_ms=int(settings.lease_seconds * 1000))
-        self.spool = Spool(self.redis)
-        self.book = PolicyBook(self.redis)
+        self.spool = Spool(self.connection)
+        self.book = PolicyBook(self.connection)
         self.resolver = MxResolver(nameservers=settings.dns_servers, port=settings.dns_port)
         self.router = Router(self.book, self.resolver, settings.mx_port)
         self.engine = DeliveryEngine(
@@ -156,15 +170,20 @@ class Gateway:
         if self.stopping:
             problems.append("shutting down")
         try:
-            await asyncio.wait_for(self.redis.ping(), timeout=1.0)
-        except (aioredis.RedisError, OSError, TimeoutError) as exc:
-            problems.append(f"redis unreachable: {exc or type(exc).__name__}")
+            problems += await asyncio.wait_for(self.connection.problems(), timeout=2.0)
+        except TimeoutError:
+            problems.append("redis did not answer within 2 s")
         if not self.book.loaded:
             problems.append("no policies published yet (is `mxgate controller` or the operator running?)")
         return problems
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        try:
+            await self.connection.initialize()
+        except SpoolError as exc:
+            # Not fatal: Redis may come up after us; until then /readyz says why and ingress answers 451.
+            log.warning("%s", exc)
         await self.book.reload()
         self._tasks.append(loop.create_task(self.book.run()))
         self.engine.start()
@@ -182,7 +201,7 @@ class Gateway:
                 await self.health.start()
             except OSError as exc:
                 raise ConfigError(f"cannot listen on {mhost}:{mport}: {exc.strerror}") from exc
-        log.info("gateway started", extra={"listen": f"{host}:{port}", "redis": _redact(self.settings.redis_url),
+        log.info("gateway started", extra={"listen": f"{host}:{port}", "redis": self.connection.target.redacted,
                                            "tls": self.tls_context is not None, "auth": self.authenticator is not None})
 
     @property
@@ -219,8 +238,7 @@ class Gateway:
         await self.limiter.close()
         if self.health is not None:
             await self.health.stop()
-        with contextlib.suppress(aioredis.RedisError, OSError):
-            await self.redis.aclose()
+        await self.connection.aclose()
         log.info("stopped")
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -238,9 +256,3 @@ class Gateway:
         finally:
             await self.shutdown()
 
-
-def _redact(url: str) -> str:
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"

@@ -54,6 +54,29 @@ def networks(text: str) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def replica_acks(text: str) -> int | None:
+    """``auto`` (None) or a number of replicas."""
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto or a number of replicas from 0 to 16")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds above 0 and at most 3600")
+    return value
+
+
 def existing_file(text: str) -> Path:
     path = Path(text)
     if not path.is_file():
@@ -63,7 +86,9 @@ def existing_file(text: str) -> Path:
 
 def _redis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", default=os.environ.get("MXGATE_REDIS_URL"),
-                        help="Redis URL (default: $MXGATE_REDIS_URL)")
+                        help="redis://HOST:PORT[/DB], rediss://..., unix:///PATH, "
+                        "redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB] or "
+                        "redis+cluster://HOST:PORT[,HOST:PORT...] (default: $MXGATE_REDIS_URL)")
     parser.add_argument("--redis-password-file", type=Path, default=os.environ.get("MXGATE_REDIS_PASSWORD_FILE"),
                         metavar="PATH", help="file holding the Redis password, e.g. a mounted Secret "
                         "(default: $MXGATE_REDIS_PASSWORD_FILE); overrides a password in the URL")
@@ -95,6 +120,13 @@ def _gateway_options(parser: argparse.ArgumentParser, *, with_redis: bool) -> No
     parser.add_argument("--connection-lease", type=float, default=30.0, metavar="SECONDS",
                         help="fleet connection-slot lease; a dead process's slots come back after it")
     parser.add_argument("--shutdown-grace", type=float, default=25.0, metavar="SECONDS")
+    parser.add_argument("--replica-acks", type=replica_acks, default=os.environ.get("MXGATE_REPLICA_ACKS", "auto"),
+                        metavar="N|auto", help="replicas that must have a message before it gets 250 (default "
+                        "auto: 1 once the primary has a replica, 0 on a lone Redis; $MXGATE_REPLICA_ACKS)")
+    parser.add_argument("--replica-ack-timeout", type=positive_seconds,
+                        default=os.environ.get("MXGATE_REPLICA_ACK_TIMEOUT", "1.0"), metavar="SECONDS",
+                        help="how long to wait for those replicas; then 451 4.3.0 (default 1.0; "
+                        "$MXGATE_REPLICA_ACK_TIMEOUT)")
     parser.add_argument("--dns-server", action="append", metavar="IP", help="name server for MX lookups (repeatable)")
     parser.add_argument("--dns-port", type=int, default=53)
     parser.add_argument("--mx-port", type=int, default=25, help="port of MX next hops (default 25)")
@@ -161,11 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def gateway_settings(args: argparse.Namespace, *, redis_url: str) -> Any:
+def gateway_settings(args: argparse.Namespace, *, redis_url: str, redis_password: str | None = None) -> Any:
     from mxgate.app import GatewaySettings
 
     return GatewaySettings(
-        redis_url=redis_url, listen=args.listen, metrics_listen=args.metrics_listen, reuse_port=args.reuse_port,
+        redis_url=redis_url, redis_password=redis_password, replica_acks=args.replica_acks,
+        replica_ack_timeout=args.replica_ack_timeout, listen=args.listen, metrics_listen=args.metrics_listen,
+        reuse_port=args.reuse_port,
         hostname=args.hostname, allowed_networks=args.allowed_networks, tls_cert=args.tls_cert,
         tls_key=args.tls_key, credentials_file=args.credentials_file, auth_without_tls=args.auth_without_tls,
         max_message_size=args.max_message_size, max_recipients=args.max_recipients,
@@ -175,22 +209,18 @@ def gateway_settings(args: argparse.Namespace, *, redis_url: str) -> Any:
         dns_port=args.dns_port, mx_port=args.mx_port, outbound_starttls=not args.no_outbound_starttls)
 
 
-def _require_redis_url(args: argparse.Namespace) -> str:
+def _redis_target(args: argparse.Namespace) -> Any:
+    """The ``RedisTarget`` of ``--redis-url`` with ``--redis-password-file``'s password; a ConfigError names what is
+    wrong (never the password)."""
+    from mxgate.redisconn import parse_redis_url
+
     if not args.redis_url:
         raise ConfigError("--redis-url is required (or set MXGATE_REDIS_URL)")
-    if not str(args.redis_url).startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"--redis-url {args.redis_url!r}: expected redis://, rediss:// or unix://")
-    from redis.asyncio.connection import parse_url
-
-    try:
-        parse_url(str(args.redis_url))  # a bad port or db number, found here rather than as a traceback later
-    except ValueError as exc:
-        raise ConfigError(f"--redis-url {args.redis_url!r}: {exc}") from exc
-    url = str(args.redis_url)
+    target = parse_redis_url(str(args.redis_url))
     password_file = getattr(args, "redis_password_file", None)
     if password_file:
-        url = with_password(url, _read_secret(Path(password_file)))
-    return url
+        target = target.with_password(_read_secret(Path(password_file)))
+    return target
 
 
 def _read_secret(path: Path) -> str:
@@ -198,69 +228,52 @@ def _read_secret(path: Path) -> str:
         secret = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"--redis-password-file {path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--redis-password-file {path}: not UTF-8 text") from exc
     if not secret:
         raise ConfigError(f"--redis-password-file {path}: the file is empty")
     return secret
 
 
-def with_password(url: str, password: str) -> str:
-    """``url`` with its password replaced (quoted, so any character is safe in it)."""
-    from urllib.parse import quote, urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("password="))
-        return urlunsplit(parts._replace(query="&".join(filter(None, [query, f"password={quote(password)}"]))))
-    user = quote(parts.username or "", safe="")
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:{quote(password, safe='')}@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-
-
 async def _gateway(args: argparse.Namespace) -> None:
     from mxgate.app import Gateway
 
-    gateway = Gateway(gateway_settings(args, redis_url=_require_redis_url(args)))
+    target = _redis_target(args)
+    gateway = Gateway(gateway_settings(args, redis_url=target.url, redis_password=target.password))
     await gateway.run()
 
 
 async def _controller(args: argparse.Namespace) -> None:
-    import redis.asyncio as aioredis
-
+    from mxgate.redisconn import REDIS_ERRORS, RedisConnection, redact
     from mxgate_operator.filemode import FileController
 
-    redis_url = _require_redis_url(args)
-    redis = aioredis.Redis.from_url(redis_url)
-    controller = FileController(redis, args.policies)
+    target = _redis_target(args)
+    connection = RedisConnection(target)
+    controller = FileController(connection.client, args.policies)
     try:
         await controller.publish()
         if not args.once:
             await _until_signal(controller.run())
-    except (aioredis.RedisError, OSError) as exc:
-        raise ConfigError(f"cannot reach Redis at {args.redis_url}: {exc}") from exc
+    except REDIS_ERRORS as exc:
+        raise ConfigError(f"cannot reach Redis at {target.redacted}: {redact(str(exc))}") from exc
     finally:
-        await redis.aclose()
+        await connection.aclose()
 
 
 async def _dev(args: argparse.Namespace) -> None:
-    import redis.asyncio as aioredis
-
     from mxgate.app import Gateway
     from mxgate.embedded_redis import EmbeddedRedis
     from mxgate.policy import load_policy_dir
+    from mxgate.redisconn import RedisConnection, parse_redis_url
     from mxgate.tasks import cancel_and_wait
     from mxgate_operator.filemode import FileController
 
     load_policy_dir(args.policies)  # fail before starting anything
     redis_server = EmbeddedRedis(args.data_dir.resolve(), port=args.redis_port or None).start()
-    redis = aioredis.Redis.from_url(redis_server.url)
+    connection = RedisConnection(parse_redis_url(redis_server.url))
     control_task: asyncio.Task[None] | None = None
     try:
-        controller = FileController(redis, args.policies)
+        controller = FileController(connection.client, args.policies)
         await controller.publish()
         gateway = Gateway(gateway_settings(args, redis_url=redis_server.url))
         stop = asyncio.Event()
@@ -280,7 +293,7 @@ async def _dev(args: argparse.Namespace) -> None:
         # Also when the gateway failed to start (port in use): the controller loop must not outlive it.
         if control_task is not None:
             await cancel_and_wait([control_task], timeout=5.0)
-        await redis.aclose()
+        await connection.aclose()
         redis_server.stop()
 
 
@@ -302,7 +315,7 @@ async def _operator(args: argparse.Namespace) -> None:
 
     if not args.namespace:
         raise ConfigError("--namespace is required (or set POD_NAMESPACE)")
-    config = OperatorConfig(redis_url=_require_redis_url(args), namespace=args.namespace,
+    config = OperatorConfig(redis=_redis_target(args), namespace=args.namespace,
                             peering=None if args.standalone else args.peering, priority=args.priority,
                             health_listen=args.health_listen)
     await _until_signal(run(config))
@@ -317,17 +330,18 @@ async def _sim(args: argparse.Namespace) -> None:
 async def _status(args: argparse.Namespace) -> None:
     import json
 
-    import redis.asyncio as aioredis
-
+    from mxgate.redisconn import REDIS_ERRORS, RedisConnection, redact
     from mxgate.status import collect, render_table
 
-    redis = aioredis.Redis.from_url(_require_redis_url(args), socket_connect_timeout=2, socket_timeout=5)
+    target = _redis_target(args)
+    connection = RedisConnection(target)
+    redis = connection.client
     try:
         while True:
             try:
                 rows = await collect(redis, window=args.window)
-            except (aioredis.RedisError, OSError) as exc:
-                raise ConfigError(f"cannot read status from Redis at {args.redis_url}: {exc}") from exc
+            except REDIS_ERRORS as exc:
+                raise ConfigError(f"cannot read status from Redis at {target.redacted}: {redact(str(exc))}") from exc
             if args.json:
                 print(json.dumps([row.as_dict() for row in rows]), flush=True)
             else:
@@ -339,7 +353,7 @@ async def _status(args: argparse.Namespace) -> None:
                 return
             await asyncio.sleep(args.watch)
     finally:
-        await redis.aclose()
+        await connection.aclose()
 
 
 def _passwd(args: argparse.Namespace) -> None:

@@ -2,22 +2,30 @@
 
 Every key of one provider carries the hash tag ``{p:<provider>}``, so all of a provider's keys live in one
 Redis Cluster slot and each Lua script touches a single slot. Keys shared by the whole fleet are few and
-small (the policy table, the provider index).
+small (the policy table, the provider index) and share the tag ``{fleet}``, so the policy table and its
+revision change in one transaction on a cluster too. Every key a script touches is passed in KEYS.
 
-    mxg:policies                    HASH    policy name -> ProviderPolicy JSON          (controller writes)
-    mxg:control                     HASH    rev, updated_ms, writer                     (controller writes;
+    mxg:{fleet}:policies            HASH    policy name -> ProviderPolicy JSON          (controller writes)
+    mxg:{fleet}:control             HASH    rev, updated_ms, writer                     (controller writes;
                                                                                           gateways are ready
                                                                                           once it exists)
-    mxg:providers                   SET     provider ids that have had jobs             (ingress adds)
+    mxg:{fleet}:providers           SET     provider ids that have had jobs             (ingress adds)
     mxg:events                      channel "policies" after a policy change; "wake <provider>" after an
                                             enqueue, so idle dispatchers start at once instead of polling
+                                            (a channel, not a key: classic pub/sub reaches every cluster node)
 
     mxg:{p:<provider>}:q            ZSET    job id -> epoch ms when the job may be claimed: its due time
                                             while waiting, its claim expiry while a worker holds it. One
                                             structure, so a crashed worker's job simply becomes due again.
     mxg:{p:<provider>}:j:<job id>   HASH    one delivery job (one message x one recipient domain):
                                             qid, from, rcpts (JSON), domain, body, created, attempts,
-                                            claim (token of the current holder), last (last reply), dsn
+                                            last (last reply), dsn, and while its message is not yet
+                                            acknowledged: commit (the commit record's key, see below)
+    mxg:{p:<provider>}:claims       HASH    job id -> claim token of the worker holding it (ack, defer
+                                            and extend present the token)
+    mxg:{p:<provider>}:commit:<qid> STRING  "1" once every job of a multi-domain message is stored (and
+                                            replicated): its jobs may be delivered. Written last, so a
+                                            message refused with 451 half-way never is. TTL 8 days.
 
   Fleet limits (per egress identity <id>: the sending IP or pool; "default" until pools exist)
     mxg:{p:<provider>}:limits       HASH    effective limits in force now (controller/operator writes):
@@ -43,9 +51,10 @@ from __future__ import annotations
 
 PREFIX = "mxg"
 
-POLICIES = f"{PREFIX}:policies"
-CONTROL = f"{PREFIX}:control"
-PROVIDERS = f"{PREFIX}:providers"
+FLEET_TAG = f"{PREFIX}:{{fleet}}"
+POLICIES = f"{FLEET_TAG}:policies"
+CONTROL = f"{FLEET_TAG}:control"
+PROVIDERS = f"{FLEET_TAG}:providers"
 EVENTS = f"{PREFIX}:events"
 
 EVENT_POLICIES = "policies"
@@ -71,6 +80,14 @@ def job_prefix(provider: str) -> str:
 
 def job(provider: str, job_id: str) -> str:
     return f"{job_prefix(provider)}{job_id}"
+
+
+def claims(provider: str) -> str:
+    return f"{provider_tag(provider)}:claims"
+
+
+def commit(provider: str, queue_id: str) -> str:
+    return f"{provider_tag(provider)}:commit:{queue_id}"
 
 
 def limits(provider: str) -> str:

@@ -1,7 +1,7 @@
 """The live policy table of one gateway process, read from Redis only.
 
 A controller (``mxgate controller``, ``mxgate dev`` or the Kubernetes operator) writes the policies to
-``mxg:policies`` and announces each change on ``mxg:events``. The book loads the table at start, reloads
+``mxg:{fleet}:policies`` and announces each change on ``mxg:events``. The book loads the table at start, reloads
 on every announcement, and also every ``refresh_interval`` seconds in case an announcement was missed
 (pub/sub is fire-and-forget). The same subscription carries the "wake <provider>" messages of ingress,
 which the book hands to the delivery engine.
@@ -11,7 +11,7 @@ controller as it tightens and relaxes them), reloading one provider's on a "limi
 all of them on every refresh, and forwards "free <provider>" (a connection lease came back) to the
 fleet limiter.
 
-The gateway is ready only once a controller has published (``mxg:control`` exists): without it the
+The gateway is ready only once a controller has published (``mxg:{fleet}:control`` exists): without it the
 gateway would not know any provider's limits.
 """
 
@@ -22,7 +22,6 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from mxgate import keys
@@ -39,6 +38,7 @@ from mxgate.policy import (
     Warmup,
     parse_duration,
 )
+from mxgate.redisconn import REDIS_ERRORS, RedisConnection, redact
 
 log = logging.getLogger("mxgate.policybook")
 
@@ -46,8 +46,9 @@ _BUILTIN_DEFAULT = Limits()
 
 
 class PolicyBook:
-    def __init__(self, redis: aioredis.Redis, *, refresh_interval: float = 2.0) -> None:
-        self.redis = redis
+    def __init__(self, connection: RedisConnection, *, refresh_interval: float = 2.0) -> None:
+        self.connection = connection
+        self.redis = connection.client
         self.refresh_interval = refresh_interval
         self.table = ProviderTable.of([])
         self.loaded = False
@@ -135,8 +136,8 @@ class PolicyBook:
             pipe.hgetall(keys.POLICIES)
             pipe.hget(keys.CONTROL, "rev")
             raw, rev = await pipe.execute()
-        except (aioredis.RedisError, OSError) as exc:
-            log.warning("cannot read policies from Redis: %s", exc)
+        except REDIS_ERRORS as exc:
+            log.warning("cannot read policies from Redis: %s", redact(str(exc)))
             return False
         if rev is None:
             self.loaded = False
@@ -168,8 +169,8 @@ class PolicyBook:
             for provider in providers:
                 pipe.hgetall(keys.limits(provider))
             answers = await pipe.execute()
-        except (aioredis.RedisError, OSError) as exc:
-            log.warning("cannot read effective limits from Redis: %s", exc)
+        except REDIS_ERRORS as exc:
+            log.warning("cannot read effective limits from Redis: %s", redact(str(exc)))
             return False
         for provider, raw in zip(providers, answers, strict=True):
             before = self.limits(provider)
@@ -189,7 +190,7 @@ class PolicyBook:
     async def run(self) -> None:
         """Subscribe to events and keep the table fresh until cancelled."""
         while True:
-            pubsub = self.redis.pubsub()
+            pubsub = self.connection.pubsub()
             try:
                 await pubsub.subscribe(keys.EVENTS)
                 await self.reload()
@@ -204,13 +205,14 @@ class PolicyBook:
                     if loop.time() >= next_refresh:
                         await self.reload()
                         next_refresh = loop.time() + self.refresh_interval
-            except (aioredis.RedisError, OSError) as exc:
-                log.warning("event subscription lost: %s; retrying", exc)
+            except REDIS_ERRORS as exc:
+                log.warning("event subscription lost: %s; retrying", redact(str(exc)))
+                await self.connection.refresh()
                 await asyncio.sleep(1.0)
             finally:
                 try:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves PubSub.aclose unannotated
-                except (aioredis.RedisError, OSError):
+                except REDIS_ERRORS:
                     pass
 
     def _dispatch(self, data: bytes) -> None:

@@ -14,13 +14,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from mxgate import keys
 from mxgate.limits.effective import Effective
 from mxgate.limits.warmup import daily_cap, utc_date
 from mxgate.policy import DEFAULT_POLICY_NAME, Limits, ProviderPolicy
+from mxgate.redisconn import RedisClient
 from mxgate.telemetry.fleet import read_window
 
 WINDOW_SECONDS = 60
@@ -79,7 +79,7 @@ class ProviderRow:
         return asdict(self)
 
 
-async def collect(redis: aioredis.Redis, *, window: int = WINDOW_SECONDS) -> list[ProviderRow]:
+async def collect(redis: RedisClient, *, window: int = WINDOW_SECONDS) -> list[ProviderRow]:
     policies: dict[str, ProviderPolicy] = {}
     for name, doc in (await redis.hgetall(keys.POLICIES)).items():
         try:

@@ -28,11 +28,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import cast
 
-import redis.asyncio as aioredis
-
 from mxgate import keys
 from mxgate.limits.effective import Effective
 from mxgate.policy import DEFAULT_POLICY_NAME, ProviderPolicy
+from mxgate.redisconn import RedisClient
 from mxgate.telemetry.fleet import read_window
 from mxgate_operator.core import Adjustment, ControlState, Decision, Window, decide, moves_between, window_seconds
 
@@ -94,7 +93,7 @@ class Evaluation:
 
 
 class AdaptiveLoop:
-    def __init__(self, redis: aioredis.Redis, policies: Callable[[], Mapping[str, ProviderPolicy]], *,
+    def __init__(self, redis: RedisClient, policies: Callable[[], Mapping[str, ProviderPolicy]], *,
                  clock: Callable[[], float] = time.time) -> None:
         self.redis = redis
         self.policies = policies
@@ -214,7 +213,8 @@ class AdaptiveLoop:
                      extra={"provider": provider, "limit": move.limit, "from": move.old, "to": move.new,
                             "signal": move.signal, "reason": decision.reason})
         pipe.ltrim(adjustments_key(provider), 0, ADJUSTMENTS_KEPT - 1)
+        await pipe.execute()
         if decision.adjustments:
             self._changed[provider] = now
-            pipe.publish(keys.EVENTS, f"{keys.EVENT_LIMITS} {provider}")
-        await pipe.execute()
+            # After the transaction, not in it: a cluster allows no PUBLISH inside one (nor in a pipeline).
+            await self.redis.publish(keys.EVENTS, f"{keys.EVENT_LIMITS} {provider}")

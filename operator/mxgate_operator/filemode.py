@@ -14,10 +14,9 @@ import asyncio
 import logging
 from pathlib import Path
 
-import redis.asyncio as aioredis
-
 from mxgate.errors import PolicyError
 from mxgate.policy import ProviderPolicy, load_policy_dir
+from mxgate.redisconn import REDIS_ERRORS, RedisClient
 from mxgate_operator.adaptive import AdaptiveLoop
 from mxgate_operator.publish import publish_policies
 
@@ -39,7 +38,7 @@ def _snapshot(directory: Path) -> tuple[tuple[str, float, int], ...]:
 
 
 class FileController:
-    def __init__(self, redis: aioredis.Redis, directory: Path, *, poll_interval: float = 2.0,
+    def __init__(self, redis: RedisClient, directory: Path, *, poll_interval: float = 2.0,
                  republish_interval: float = 30.0) -> None:
         self.redis = redis
         self.directory = directory
@@ -64,7 +63,7 @@ class FileController:
                 next_publish = await self._poll_files(next_publish)
             try:
                 await self.adaptive.tick()
-            except (aioredis.RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("adaptive loop: %s", exc)
             await asyncio.sleep(ADAPTIVE_TICK)
 
@@ -83,6 +82,6 @@ class FileController:
             try:
                 await self.publish()
                 return loop.time() + self.republish_interval
-            except (aioredis.RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("cannot publish policies: %s", exc)
         return next_publish

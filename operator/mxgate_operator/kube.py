@@ -38,14 +38,13 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import kopf
-import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from mxgate import keys
 from mxgate.limits.effective import Effective
 from mxgate.limits.warmup import daily_cap, utc_date
 from mxgate.policy import ProviderPolicy, format_validation_error
-from mxgate.telemetry.redis_cost import connect_redis
+from mxgate.redisconn import RedisClient, RedisConnection, RedisTarget
 from mxgate_operator.adaptive import AdaptiveLoop, adjustments_key, relaxes
 from mxgate_operator.conditions import Observation, changed, invalid_status, policy_status
 from mxgate_operator.core import Adjustment, Window
@@ -66,7 +65,7 @@ POLICY_INDEX = "policy_index"   # the index's id: kopf passes the index to every
 
 @dataclass(frozen=True)
 class OperatorConfig:
-    redis_url: str
+    redis: RedisTarget
     namespace: str
     peering: str | None = "mxgate"      # None: standalone (no peering object needed)
     priority: int | None = None         # None: random, so replicas never tie
@@ -86,7 +85,8 @@ class Parsed:
 class Runtime:
     """Shared by every handler (kopf copies the memo per object; this object is shared by reference)."""
 
-    redis: aioredis.Redis
+    connection: RedisConnection
+    redis: RedisClient
     loop: AdaptiveLoop
     identity: str
     next_publish: float = 0.0
@@ -139,7 +139,7 @@ async def publish_table(runtime: Runtime, index: Mapping[str, Iterable[Parsed]],
         return [p.name for p in policies]
 
 
-async def observe(redis: aioredis.Redis, policy: ProviderPolicy, window: Window | None) -> Observation:
+async def observe(redis: RedisClient, policy: ProviderPolicy, window: Window | None) -> Observation:
     seconds, _ = await redis.time()     # the day is Redis's, as the gateways count it (gcra.lua)
     day = int(seconds) // 86400
     pipe = redis.pipeline(transaction=False)
@@ -197,9 +197,11 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         # On SIGTERM kopf says goodbye to its peers through the API; an unreachable API server must not keep
         # the pod from exiting (Kubernetes would SIGKILL it at the end of the grace period anyway).
         settings.process.ultimate_exiting_timeout = 10
-        redis = connect_redis(config.redis_url)
-        await redis.ping()
-        runtime = Runtime(redis=redis, loop=AdaptiveLoop(redis, dict), identity=socket.gethostname())
+        connection = RedisConnection(config.redis)
+        await connection.initialize()
+        redis = connection.client
+        runtime = Runtime(connection=connection, redis=redis, loop=AdaptiveLoop(redis, dict),
+                          identity=socket.gethostname())
         memo.runtime = runtime
         # Gateways are ready only once a policy table exists. With no ProviderPolicy at all no handler would
         # ever publish one, so publish the empty table -- only if none exists: the handlers publish the real
@@ -211,7 +213,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     async def close(memo: kopf.Memo, **_: Any) -> None:
         runtime: Runtime | None = getattr(memo, "runtime", None)
         if runtime is not None:
-            await runtime.redis.aclose()
+            await runtime.connection.aclose()
 
     @kopf.index(*resource, id=POLICY_INDEX, registry=registry)
     def policy_index(name: str, body: kopf.Body, **_: Any) -> dict[str, Parsed]:

@@ -433,11 +433,11 @@ def _exposition() -> dict[str, set[str]]:
     code = """
 from prometheus_client import REGISTRY, generate_latest
 from mxgate.telemetry.metrics import Metrics
-from mxgate.telemetry.redis_cost import connect_redis
+from mxgate.telemetry.redis_cost import register_round_trips
 m = Metrics()
 m.received(); m.rejected("size"); m.spool_error(); m.delivered("p"); m.failed("p"); m.deferred("p", "rate")
 m.connection_error("p"); m.attempt_done("p", 0.1); m.lease_wait("p", 0.1); m.reflex("p", "rate")
-connect_redis("redis://127.0.0.1:1/0")
+register_round_trips()
 print(generate_latest(REGISTRY).decode())
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

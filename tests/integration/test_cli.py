@@ -80,9 +80,12 @@ def redis_servers_in(data_dir: Path) -> list[int]:
 
 
 @pytest.mark.parametrize(("url", "message"), [
-    ("http://127.0.0.1:6379", "expected redis://, rediss:// or unix://"),
+    ("http://127.0.0.1:6379", "expected one of redis://, rediss://, unix://, redis+sentinel://"),
     ("redis://127.0.0.1:notaport", "Port could not be cast to integer"),
     ("redis://127.0.0.1:99999", "Port out of range"),
+    ("redis+sentinel://127.0.0.1:26379", "name the primary as the sentinels know it"),
+    ("redis+cluster://127.0.0.1:7000/3", "a cluster URL has no path"),
+    ("redis+cluster://127.0.0.1", "'127.0.0.1' is not HOST:PORT"),
 ])
 def test_bad_redis_url_is_a_config_error(url: str, message: str) -> None:
     result = run_mxgate("gateway", "--redis-url", url, "--listen", f"127.0.0.1:{free_port()}",

@@ -18,14 +18,14 @@ from support.sink import Sink
 MS = policy("microsoft", domains=["outlook.test"], mx_hosts=["*.protection.outlook.test"])
 
 
-async def test_domains_hosted_at_a_provider_roll_up_to_it(redis_client) -> None:
+async def test_domains_hosted_at_a_provider_roll_up_to_it(redis_connection) -> None:
     zone = {
         "contoso.test": [("MX", 300, "10 contoso-test.mail.protection.outlook.test.")],
         "fabrikam.test": [("MX", 300, "10 mx.fabrikam.test."), ("MX", 300, "20 backup.protection.outlook.test.")],
         "broken.test": [("MX", 300, "10 mx.broken.test.")],
     }
     async with start_dns_server(zone) as dns:
-        book = PolicyBook(redis_client)
+        book = PolicyBook(redis_connection)
         book.table = ProviderTable.of([MS])
         router = Router(book, MxResolver(nameservers=["127.0.0.1"], port=dns.port, timeout=1.0))
         assert await router.provider_for("outlook.test") == "microsoft"        # by domain, no DNS
@@ -39,10 +39,10 @@ async def test_domains_hosted_at_a_provider_roll_up_to_it(redis_client) -> None:
         assert await router.provider_for("nowhere.test") == "domain:nowhere.test"  # NXDOMAIN
 
 
-async def test_next_hops_follow_mx_preference(redis_client) -> None:
+async def test_next_hops_follow_mx_preference(redis_connection) -> None:
     zone = {"multi.test": [("MX", 300, "20 second.multi.test."), ("MX", 300, "10 first.multi.test.")]}
     async with start_dns_server(zone) as dns:
-        book = PolicyBook(redis_client)
+        book = PolicyBook(redis_connection)
         router = Router(book, MxResolver(nameservers=["127.0.0.1"], port=dns.port), mx_port=2525)
         assert await router.next_hops("domain:multi.test", "multi.test") == [
             NextHop("first.multi.test", 2525), NextHop("second.multi.test", 2525)]

@@ -7,6 +7,7 @@ import asyncio
 import redis.asyncio as aioredis
 
 from mxgate import keys
+from mxgate.redisconn import RedisConnection
 from mxgate.spool.store import NewJob, Spool, new_queue_id
 
 
@@ -23,8 +24,9 @@ def _job(provider: str = "p", n: int = 0, body: bytes = b"Subject: x\r\n\r\nhi\r
     )
 
 
-async def test_enqueue_claim_ack_roundtrip(redis_client: aioredis.Redis) -> None:
-    spool = Spool(redis_client)
+async def test_enqueue_claim_ack_roundtrip(
+        redis_client: aioredis.Redis, redis_connection: RedisConnection) -> None:
+    spool = Spool(redis_connection)
     body = b"Subject: x\r\n\r\n" + bytes(range(256)) + b"\r\n"
     await spool.enqueue([_job(body=body)])
     assert await redis_client.sismember(keys.PROVIDERS, "p")
@@ -41,9 +43,8 @@ async def test_enqueue_claim_ack_roundtrip(redis_client: aioredis.Redis) -> None
 
 
 async def test_expired_lease_makes_job_due_again_and_old_token_is_powerless(
-    redis_client: aioredis.Redis,
-) -> None:
-    spool = Spool(redis_client)
+        redis_client: aioredis.Redis, redis_connection: RedisConnection) -> None:
+    spool = Spool(redis_connection)
     await spool.enqueue([_job()])
     first = (await spool.claim("p", limit=1, visibility_ms=50)).jobs[0]
     await asyncio.sleep(0.1)
@@ -55,8 +56,9 @@ async def test_expired_lease_makes_job_due_again_and_old_token_is_powerless(
     assert await spool.ack("p", [second]) == 1
 
 
-async def test_defer_reschedules_with_server_time(redis_client: aioredis.Redis) -> None:
-    spool = Spool(redis_client)
+async def test_defer_reschedules_with_server_time(
+        redis_client: aioredis.Redis, redis_connection: RedisConnection) -> None:
+    spool = Spool(redis_connection)
     await spool.enqueue([_job()])
     job = (await spool.claim("p", limit=1, visibility_ms=30_000)).jobs[0]
     assert await spool.defer(job, delay_ms=200, attempts=1, last_reply="451 4.7.500 Server busy")
@@ -68,8 +70,9 @@ async def test_defer_reschedules_with_server_time(redis_client: aioredis.Redis) 
     assert job2.attempts == 1 and job2.last_reply == "451 4.7.500 Server busy"
 
 
-async def test_extend_keeps_lease_alive(redis_client: aioredis.Redis) -> None:
-    spool = Spool(redis_client)
+async def test_extend_keeps_lease_alive(
+        redis_client: aioredis.Redis, redis_connection: RedisConnection) -> None:
+    spool = Spool(redis_connection)
     await spool.enqueue([_job()])
     job = (await spool.claim("p", limit=1, visibility_ms=100)).jobs[0]
     assert await spool.extend("p", [job], visibility_ms=30_000) == 1
@@ -77,8 +80,9 @@ async def test_extend_keeps_lease_alive(redis_client: aioredis.Redis) -> None:
     assert (await spool.claim("p", limit=1, visibility_ms=100)).jobs == []
 
 
-async def test_claims_are_fifo_and_exclusive_under_concurrency(redis_client: aioredis.Redis) -> None:
-    spool = Spool(redis_client)
+async def test_claims_are_fifo_and_exclusive_under_concurrency(
+        redis_client: aioredis.Redis, redis_connection: RedisConnection) -> None:
+    spool = Spool(redis_connection)
     jobs = [_job(n=i) for i in range(300)]
     for chunk in range(0, 300, 50):
         await spool.enqueue(jobs[chunk : chunk + 50])
@@ -98,8 +102,9 @@ async def test_claims_are_fifo_and_exclusive_under_concurrency(redis_client: aio
     assert await spool.depth("p") == 0
 
 
-async def test_move_to_other_provider(redis_client: aioredis.Redis) -> None:
-    spool = Spool(redis_client)
+async def test_move_to_other_provider(
+        redis_client: aioredis.Redis, redis_connection: RedisConnection) -> None:
+    spool = Spool(redis_connection)
     await spool.enqueue([_job(provider="domain:dest.test")])
     job = (await spool.claim("domain:dest.test", limit=1, visibility_ms=30_000)).jobs[0]
     await spool.move(job, "microsoft")

@@ -33,18 +33,17 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from importlib import resources
 
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from mxgate import keys
 from mxgate.errors import MxgateError
 from mxgate.limits.warmup import daily_cap, utc_date
 from mxgate.policy import Warmup
+from mxgate.redisconn import REDIS_ERRORS, RedisClient
 from mxgate.tasks import cancel_and_wait
 
 log = logging.getLogger("mxgate.limits")
 
-_REDIS_ERRORS = (aioredis.RedisError, OSError)
 
 
 class LimiterUnavailable(MxgateError):
@@ -89,7 +88,7 @@ class Lease:
 
 
 class FleetLimiter:
-    def __init__(self, redis: aioredis.Redis, *, lease_ms: int = 30_000, waiter_stale_ms: int = 3_000,
+    def __init__(self, redis: RedisClient, *, lease_ms: int = 30_000, waiter_stale_ms: int = 3_000,
                  identity: str = keys.DEFAULT_IDENTITY, clock: Callable[[], float] = time.time) -> None:
         self.redis = redis
         self.clock = clock      # the pod's clock: only a first guess of the hour and day (Redis decides)
@@ -136,7 +135,7 @@ class FleetLimiter:
                 try:
                     reply = await self._acquire(keys=keys_, args=[token, self.limits_now[provider], self.lease_ms,
                                                                   waiter, self.waiter_stale_ms])
-                except _REDIS_ERRORS as exc:
+                except REDIS_ERRORS as exc:
                     raise LimiterUnavailable(f"cannot acquire a connection lease: {exc}") from exc
                 if int(reply[0]) == 1:
                     lease = Lease(provider, token)
@@ -148,7 +147,7 @@ class FleetLimiter:
                     await asyncio.wait_for(event.wait(), timeout=wait)
         except BaseException:
             # Leave the queue at once so we do not hold up the attempts behind us until we go stale.
-            with contextlib.suppress(*_REDIS_ERRORS):
+            with contextlib.suppress(*REDIS_ERRORS):
                 pipe = self.redis.pipeline(transaction=True)
                 pipe.zrem(keys_[1], waiter)
                 pipe.zrem(keys_[2], waiter)
@@ -161,7 +160,7 @@ class FleetLimiter:
             await self._release(keys=[keys.leases(lease.provider, self.identity),
                                       keys.closing(lease.provider, self.identity)],
                                 args=[lease.token, keys.EVENTS, f"{keys.EVENT_FREE} {lease.provider}"])
-        except _REDIS_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             log.warning("lease release failed (it expires by itself): %s", exc)
 
     def set_limit(self, provider: str, limit: int) -> None:
@@ -182,7 +181,7 @@ class FleetLimiter:
         try:
             statuses = await self._renew(keys=[keys.leases(provider, self.identity),
                                                keys.closing(provider, self.identity)], args=args)
-        except _REDIS_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             log.warning("lease renewal failed: %s", exc)
             return
         for lease, status in zip(leases, statuses, strict=True):
@@ -210,7 +209,7 @@ class FleetLimiter:
         try:
             await self._suspend(keys=[keys.limits(provider)], args=[
                 int(seconds * 1000), reason[:300], keys.EVENTS, f"{keys.EVENT_LIMITS} {provider}"])
-        except _REDIS_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             raise LimiterUnavailable(f"cannot suspend {provider}: {exc}") from exc
 
     async def close(self) -> None:
@@ -259,7 +258,7 @@ class FleetLimiter:
                           keys.day_count(provider, day, self.identity)],
                     args=[f"{interval:.6f}", burst_n, per_hour or 0, day_cap or 0, hour if per_hour else "",
                           day if per_day or warmup is not None else "", "1" if peek else "0"])
-            except _REDIS_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 raise LimiterUnavailable(f"cannot ask for a rate permit: {exc}") from exc
             status = int(reply[0])
             if status == 1:

@@ -1,14 +1,26 @@
 """The durable spool: delivery jobs in Redis, claimed with visibility leases.
 
 Ingress turns each accepted message into one job per recipient domain and answers ``250`` only after
-Redis has acknowledged every job (``enqueue``). Delivery workers ``claim`` due jobs; a claim is a lease:
-the job's score in the provider queue becomes "now + visibility", so if the worker dies the job is due
-again when the lease runs out and another worker takes it. ``ack`` deletes a finished job, ``defer``
-reschedules it, ``extend`` renews leases of jobs still in progress. Every state change is one Lua script
-on Redis server time that checks the caller's claim token first (``spool/lua``).
+Redis has stored every job *and* enough replicas have them (``enqueue``; ``--replica-acks``, see
+``mxgate.redisconn``). Delivery workers ``claim`` due jobs; a claim is a lease: the job's score in the
+provider queue becomes "now + visibility", so if the worker dies the job is due again when the lease runs
+out and another worker takes it. ``ack`` deletes a finished job, ``defer`` reschedules it, ``extend``
+renews leases of jobs still in progress. Every state change is one Lua script on Redis server time that
+checks the caller's claim token first (``spool/lua``) and touches only the keys it is given.
 
 Delivery is therefore at-least-once: a worker killed after the remote ``250`` but before its ack causes
 one duplicate delivery, never a loss.
+
+All or nothing for a message to several domains. Its jobs live in different providers' slots (on a
+cluster, on different nodes), so no single script can store them together. They are stored *staged*
+(not claimable for ``STAGE_MS``, and marked with the key of a commit record), then the commit record is
+written and replicated, and only then does the client get ``250``; the jobs are then made due at once
+(``promote``). A message refused with ``451`` half-way has no commit record: its stored jobs are withdrawn
+at once, and any that could not be withdrawn are found by the claim that eventually takes them, which
+deletes a job whose commit record does not exist once it is older than twice ``STAGE_MS``. The client's retry
+therefore never duplicates part of a message. One window remains: a commit record written on the primary
+whose replication could not be confirmed is deleted before the ``451``; if even that delete fails, the
+jobs are delivered and the retry duplicates them (never a loss).
 
 The body is stored in each job: a message to several domains is stored once per domain. Transactional
 mail has one recipient, so this costs nothing in the common case and keeps every job in its provider's
@@ -17,22 +29,29 @@ slot (Redis Cluster) with no cross-slot reference counting.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import secrets
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 
 from mxgate import keys
 from mxgate.errors import SpoolError
+from mxgate.redisconn import REDIS_ERRORS, RedisConnection, ScriptCall, redact
 
-_REDIS_ERRORS = (aioredis.RedisError, OSError)
+log = logging.getLogger("mxgate.spool")
+
+STAGE_MS = 60_000        # a staged job is not claimable before this (its message commits within seconds)
+# A staged job without a commit record that is older than twice STAGE_MS was never acknowledged.
+COMMIT_TTL = 8 * 86400   # seconds a commit record lives: longer than any job (retry.maxAge is at most 7 days)
+ENQUEUE_TIMEOUT = 20.0   # seconds ingress waits for a whole enqueue; far below STAGE_MS, so no commit comes late
 
 
 def _script(name: str) -> str:
@@ -56,9 +75,10 @@ class NewJob:
     domain: str
     body: bytes
     dsn: bool = False  # True for our own bounce notifications: they never cause another one
+    commit: str = ""   # the commit record's key while the job is staged (a multi-domain message)
 
     def fields(self) -> list[str | bytes]:
-        return [
+        out: list[str | bytes] = [
             "qid", self.queue_id,
             "from", self.sender,
             "rcpts", json.dumps(list(self.recipients)),
@@ -66,6 +86,9 @@ class NewJob:
             "body", self.body,
             "dsn", "1" if self.dsn else "0",
         ]
+        if self.commit:
+            out += ["commit", self.commit]
+        return out
 
 
 @dataclass(slots=True, kw_only=True)
@@ -84,10 +107,11 @@ class Job:
     attempts: int
     dsn: bool
     last_reply: str = ""
+    commit: str = ""   # set while the job's message is not known to be committed (see the module docstring)
 
     @classmethod
-    def from_redis(cls, provider: str, job_id: str, token: str, flat: Sequence[bytes]) -> Job:
-        raw = {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
+    def from_redis(cls, provider: str, job_id: str, token: str, fields: dict[bytes, bytes]) -> Job:
+        raw = {k.decode(): v for k, v in fields.items()}
         return cls(
             provider=provider,
             job_id=job_id,
@@ -101,6 +125,7 @@ class Job:
             attempts=int(raw.get("attempts", b"0")),
             dsn=raw.get("dsn") == b"1",
             last_reply=raw.get("last", b"").decode("utf-8", "replace"),
+            commit=raw.get("commit", b"").decode(),
         )
 
     def as_new(self, provider: str) -> NewJob:
@@ -117,49 +142,89 @@ class Claim:
 
 
 class Spool:
-    """Spool operations on one Redis (or Redis Cluster) connection pool."""
+    """Spool operations on one Redis deployment (single, Sentinel or Cluster)."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
-        self.redis = redis
-        self._enqueue: AsyncScript = redis.register_script(_script("enqueue"))
-        self._claim: AsyncScript = redis.register_script(_script("claim"))
-        self._ack: AsyncScript = redis.register_script(_script("ack"))
-        self._defer: AsyncScript = redis.register_script(_script("defer"))
-        self._extend: AsyncScript = redis.register_script(_script("extend"))
+    def __init__(self, connection: RedisConnection, *, stage_ms: int = STAGE_MS) -> None:
+        self.connection = connection
+        self.stage_ms = stage_ms     # tests shorten it; an uncommitted staged job is dropped at twice its age
+        self.redis = connection.client
+        self._texts = {name: _script(name) for name in (
+            "enqueue", "claim", "ack", "defer", "extend", "promote", "withdraw", "confirm", "commit", "uncommit")}
+        self._scripts: dict[str, AsyncScript] = {
+            name: self.redis.register_script(text) for name, text in self._texts.items()}
         self._registered: dict[str, float] = {}
 
+    def _call(self, name: str, keys_: Sequence[str], args: Sequence[Any]) -> ScriptCall:
+        script = self._scripts[name]
+        return ScriptCall(script=self._texts[name], sha=str(script.sha), keys=keys_, args=args)
+
+    # -- enqueue -----------------------------------------------------------------------------------------
+
     async def enqueue(self, jobs: Sequence[NewJob]) -> None:
-        """Store all jobs of one message in one round trip; raises SpoolError unless all are stored."""
+        """Store all jobs of one message durably, or none of them: raises SpoolError unless all are stored
+        and replicated as ``--replica-acks`` asks (what was stored is then withdrawn)."""
+        if not jobs:
+            return
         try:
-            await self._register(job.provider for job in jobs)
-            if len(jobs) == 1:
-                job = jobs[0]
-                await self._enqueue(keys=self._job_keys(job), args=self._job_args(job))
-                return
-            # Several domains: one pipeline of EVALSHA (redis-py's pipelined Script objects would first
-            # ask SCRIPT EXISTS on every execute: a second round trip per message).
-            for attempt in range(2):
-                pipe = self.redis.pipeline(transaction=False)
-                for job in jobs:
-                    pipe.evalsha(self._enqueue.sha, 2, *self._job_keys(job), *self._job_args(job))
-                results = await pipe.execute(raise_on_error=False)
-                if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                    await self.redis.script_load(self._enqueue.script)
-                    continue
-                for result in results:
-                    if isinstance(result, Exception):
-                        raise SpoolError(f"spool write failed: {result}") from result
-                return
-        except _REDIS_ERRORS as exc:
-            raise SpoolError(f"spool unavailable: {exc}") from exc
+            async with asyncio.timeout(ENQUEUE_TIMEOUT):
+                await self._register(job.provider for job in jobs)
+                if len(jobs) == 1:
+                    await self._store(jobs, stage_ms=0)
+                else:
+                    await self._enqueue_staged(jobs)
+        except TimeoutError as exc:
+            raise SpoolError(f"spool write took longer than {ENQUEUE_TIMEOUT:.0f} s") from exc
+        except REDIS_ERRORS as exc:
+            raise SpoolError(f"spool unavailable: {redact(str(exc))}") from exc
 
-    @staticmethod
-    def _job_keys(job: NewJob) -> list[str]:
-        return [keys.queue(job.provider), keys.job(job.provider, job.job_id)]
+    async def _enqueue_staged(self, jobs: Sequence[NewJob]) -> None:
+        commit_key = keys.commit(jobs[0].provider, jobs[0].queue_id)
+        staged = [replace(job, commit=commit_key) for job in jobs]
+        await self._store(staged, stage_ms=self.stage_ms)
+        try:
+            durable = await self.connection.durable(commit_key, [self._call("commit", [commit_key], [COMMIT_TTL])])
+            if not durable.replicated:
+                raise _NotReplicated(durable.replicas, durable.required)
+        except (SpoolError, *REDIS_ERRORS) as exc:
+            await self._take_back(staged, commit_key)
+            raise SpoolError(f"message not committed: {exc}") from exc
+        # Committed: the message counts now. Make its jobs due at once (best effort: a job not promoted is
+        # claimed after STAGE_MS and finds the commit record).
+        try:
+            await self.connection.durable_many([(keys.queue(provider), [self._call("promote", _job_keys(job), [
+                job.job_id, keys.EVENTS, f"{keys.EVENT_WAKE} {provider}"]) for job in group])
+                for provider, group in _by_provider(staged).items()], wait=False)
+        except (SpoolError, *REDIS_ERRORS) as exc:
+            log.warning("staged jobs not promoted (they are claimed after %d s): %s", self.stage_ms // 1000, exc)
 
-    @staticmethod
-    def _job_args(job: NewJob) -> list[str | bytes]:
-        return [job.job_id, keys.EVENTS, f"{keys.EVENT_WAKE} {job.provider}", *job.fields()]
+    async def _store(self, jobs: Sequence[NewJob], *, stage_ms: int) -> None:
+        """Write ``jobs`` (one script call each, one pipeline per Redis node) and wait for their replicas."""
+        groups = [(keys.queue(provider), [
+            self._call("enqueue", _job_keys(job), [job.job_id, keys.EVENTS, f"{keys.EVENT_WAKE} {provider}",
+                                                    stage_ms, *job.fields()]) for job in group])
+            for provider, group in _by_provider(jobs).items()]
+        try:
+            outcomes = await self.connection.durable_many(groups)
+        except SpoolError:
+            await self._take_back(jobs, None)
+            raise
+        short = [outcome for outcome in outcomes if not outcome.replicated]
+        if short:
+            await self._take_back(jobs, None)
+            raise _NotReplicated(short[0].replicas, short[0].required)
+
+    async def _take_back(self, jobs: Sequence[NewJob], commit_key: str | None) -> None:
+        """Withdraw what a refused message left behind, so the client's retry does not duplicate it."""
+        try:
+            if commit_key is not None:
+                await self.connection.durable(commit_key, [self._call("uncommit", [commit_key], [])], wait=False)
+            await self.connection.durable_many([(keys.queue(provider), [
+                self._call("withdraw", _job_keys(job), [job.job_id]) for job in group])
+                for provider, group in _by_provider(jobs).items()], wait=False)
+        except (SpoolError, *REDIS_ERRORS) as exc:
+            # Staged jobs without a commit record are deleted by the claim that finds them; a single job
+            # that stays will be delivered (the client's retry is then a duplicate, never a loss).
+            log.warning("could not withdraw the jobs of a refused message: %s", exc)
 
     async def _register(self, providers: Iterable[str]) -> None:
         """Add providers to the index the dispatchers scan, at most once a minute per provider per process."""
@@ -170,27 +235,67 @@ class Spool:
             for provider in new:
                 self._registered[provider] = now + 60.0
 
+    # -- claims --------------------------------------------------------------------------------------------
+
     async def claim(self, provider: str, *, limit: int, visibility_ms: int) -> Claim:
         token = secrets.token_hex(8)
         try:
-            reply: list[Any] = await self._claim(
-                keys=[keys.queue(provider)], args=[keys.job_prefix(provider), limit, visibility_ms, token])
-        except _REDIS_ERRORS as exc:
-            raise SpoolError(f"claim failed: {exc}") from exc
-        now_ms, next_due = int(reply[0]), int(reply[1])
-        jobs = [Job.from_redis(provider, reply[i].decode(), token, reply[i + 1]) for i in range(2, len(reply), 2)]
+            reply: list[Any] = await self._scripts["claim"](
+                keys=[keys.queue(provider), keys.claims(provider)], args=[limit, visibility_ms, token])
+            now_ms, next_due = int(reply[0]), int(reply[1])
+            ids = [raw.decode() for raw in reply[2:]]
+            jobs: list[Job] = []
+            if ids:
+                pipe = self.redis.pipeline(transaction=False)
+                for job_id in ids:
+                    pipe.hgetall(keys.job(provider, job_id))
+                hashes: list[dict[bytes, bytes]] = await pipe.execute()
+                stale = [job_id for job_id, fields in zip(ids, hashes, strict=True) if not fields]
+                if stale:  # an index entry without its job (a half-finished delete): drop it
+                    await self._scripts["ack"](keys=[keys.queue(provider), keys.claims(provider),
+                                                     *(keys.job(provider, i) for i in stale)],
+                                               args=[*stale, *([token] * len(stale))])
+                jobs = [Job.from_redis(provider, job_id, token, fields)
+                        for job_id, fields in zip(ids, hashes, strict=True) if fields]
+                if any(job.commit for job in jobs):
+                    jobs = await self._resolve_staged(jobs, now_ms)
+        except REDIS_ERRORS as exc:
+            raise SpoolError(f"claim failed: {redact(str(exc))}") from exc
         return Claim(jobs=jobs, now_ms=now_ms, next_due_ms=None if next_due < 0 else next_due)
 
+    async def _resolve_staged(self, jobs: list[Job], now_ms: int) -> list[Job]:
+        """Claimed jobs of multi-domain messages whose promotion did not happen: deliver those whose message
+        was committed, drop those that never were, leave the young ones staged."""
+        staged = [job for job in jobs if job.commit]
+        pipe = self.redis.pipeline(transaction=False)
+        for job in staged:
+            pipe.exists(job.commit)
+        committed = [bool(n) for n in await pipe.execute()]
+        keep = [job for job in jobs if not job.commit]
+        for job, ok in zip(staged, committed, strict=True):
+            if ok:
+                await self._scripts["confirm"](keys=[keys.claims(job.provider), keys.job(job.provider, job.job_id)],
+                                               args=[job.job_id, job.token])
+                job.commit = ""
+                keep.append(job)
+            elif now_ms - job.created_ms > 2 * self.stage_ms:
+                log.warning("job dropped: its message was refused with 451 and never committed",
+                            extra={"qid": job.queue_id, "job": job.job_id})
+                await self.ack(job.provider, [job])
+            else:
+                await self.defer(job, delay_ms=job.created_ms + 2 * self.stage_ms - now_ms + 100)
+        return keep
+
     async def ack(self, provider: str, jobs: Iterable[Job]) -> int:
-        args: list[str] = [keys.job_prefix(provider)]
-        for job in jobs:
-            args += [job.job_id, job.token]
-        if len(args) == 1:
+        batch = list(jobs)
+        if not batch:
             return 0
         try:
-            return int(await self._ack(keys=[keys.queue(provider)], args=args))
-        except _REDIS_ERRORS as exc:
-            raise SpoolError(f"ack failed: {exc}") from exc
+            return int(await self._scripts["ack"](
+                keys=[keys.queue(provider), keys.claims(provider), *(keys.job(provider, j.job_id) for j in batch)],
+                args=[*(j.job_id for j in batch), *(j.token for j in batch)]))
+        except REDIS_ERRORS as exc:
+            raise SpoolError(f"ack failed: {redact(str(exc))}") from exc
 
     async def defer(self, job: Job, *, delay_ms: int, attempts: int | None = None, last_reply: str | None = None,
                     recipients: Sequence[str] | None = None) -> bool:
@@ -204,26 +309,26 @@ class Spool:
         if last_reply is not None:
             fields += ["last", last_reply]
         try:
-            return bool(await self._defer(
-                keys=[keys.queue(job.provider)],
-                args=[keys.job_prefix(job.provider), job.job_id, job.token, max(0, delay_ms), *fields]))
-        except _REDIS_ERRORS as exc:
-            raise SpoolError(f"defer failed: {exc}") from exc
+            return bool(await self._scripts["defer"](
+                keys=[keys.queue(job.provider), keys.claims(job.provider), keys.job(job.provider, job.job_id)],
+                args=[job.job_id, job.token, max(0, delay_ms), *fields]))
+        except REDIS_ERRORS as exc:
+            raise SpoolError(f"defer failed: {redact(str(exc))}") from exc
 
     async def release(self, job: Job) -> bool:
         """Hand a claimed, unattempted job back at once (shutdown, local back-pressure)."""
         return await self.defer(job, delay_ms=0)
 
     async def extend(self, provider: str, jobs: Iterable[Job], *, visibility_ms: int) -> int:
-        args: list[str | int] = [keys.job_prefix(provider), visibility_ms]
+        args: list[str | int] = [visibility_ms]
         for job in jobs:
             args += [job.job_id, job.token]
-        if len(args) == 2:
+        if len(args) == 1:
             return 0
         try:
-            return int(await self._extend(keys=[keys.queue(provider)], args=args))
-        except _REDIS_ERRORS as exc:
-            raise SpoolError(f"extend failed: {exc}") from exc
+            return int(await self._scripts["extend"](keys=[keys.queue(provider), keys.claims(provider)], args=args))
+        except REDIS_ERRORS as exc:
+            raise SpoolError(f"extend failed: {redact(str(exc))}") from exc
 
     async def move(self, job: Job, provider: str) -> None:
         """Move a claimed job to another provider's queue: enqueue there first, then ack here, so a crash
@@ -234,12 +339,28 @@ class Spool:
     async def depth(self, provider: str) -> int:
         try:
             return int(await self.redis.zcard(keys.queue(provider)))
-        except _REDIS_ERRORS as exc:
-            raise SpoolError(f"depth failed: {exc}") from exc
+        except REDIS_ERRORS as exc:
+            raise SpoolError(f"depth failed: {redact(str(exc))}") from exc
 
     async def providers(self) -> set[str]:
         try:
             members = await self.redis.smembers(keys.PROVIDERS)
-        except _REDIS_ERRORS as exc:
-            raise SpoolError(f"providers failed: {exc}") from exc
+        except REDIS_ERRORS as exc:
+            raise SpoolError(f"providers failed: {redact(str(exc))}") from exc
         return {m.decode() if isinstance(m, bytes) else m for m in members}
+
+
+class _NotReplicated(SpoolError):
+    def __init__(self, replicas: int, required: int) -> None:
+        super().__init__(f"acknowledged by {replicas} of the {required} replica(s) --replica-acks asks for")
+
+
+def _job_keys(job: NewJob) -> list[str]:
+    return [keys.queue(job.provider), keys.claims(job.provider), keys.job(job.provider, job.job_id)]
+
+
+def _by_provider(jobs: Sequence[NewJob]) -> dict[str, list[NewJob]]:
+    groups: defaultdict[str, list[NewJob]] = defaultdict(list)
+    for job in jobs:
+        groups[job.provider].append(job)
+    return dict(groups)

@@ -23,9 +23,8 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
-import redis.asyncio as aioredis
-
 from mxgate import keys
+from mxgate.redisconn import REDIS_ERRORS, RedisClient
 
 log = logging.getLogger("mxgate.telemetry")
 
@@ -35,7 +34,7 @@ TTL_SECONDS = 900
 
 
 class TelemetryRecorder:
-    def __init__(self, redis: aioredis.Redis | None = None, *, flush_interval: float = 1.0) -> None:
+    def __init__(self, redis: RedisClient | None = None, *, flush_interval: float = 1.0) -> None:
         self.redis = redis
         self.flush_interval = flush_interval
         # second -> provider -> counter -> count
@@ -74,7 +73,7 @@ class TelemetryRecorder:
                 pipe.expire(key, TTL_SECONDS)
         try:
             await pipe.execute()
-        except (aioredis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             # Keep the counts for the next try; telemetry is never worth blocking delivery for.
             for second, providers in taken.items():
                 for provider, counts in providers.items():
@@ -88,7 +87,7 @@ class TelemetryRecorder:
             await self.flush()
 
 
-async def read_window(redis: aioredis.Redis, providers: Iterable[str], *, start: int, end: int
+async def read_window(redis: RedisClient, providers: Iterable[str], *, start: int, end: int
                       ) -> dict[str, dict[str, int]]:
     """Counters per provider summed over the epoch seconds ``start`` (inclusive) to ``end`` (exclusive)."""
     providers = list(providers)
