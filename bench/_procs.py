@@ -453,11 +453,13 @@ def _redis_ping(port: int) -> bool:
     return False
 
 
-def start_redis(manager: ProcessManager, data_dir: Path, timeout: float = 15.0) -> RedisServer:
+def start_redis(manager: ProcessManager, data_dir: Path, timeout: float = 15.0, *,
+                replica_of: RedisServer | None = None, name: str = "redis") -> RedisServer:
     """Start redis-server on a free loopback port with its files in ``data_dir``.
 
     Persistence is what a production spool would use: no RDB snapshots, AOF on with an
-    fsync every second (``--save '' --appendonly yes --appendfsync everysec``).
+    fsync every second (``--save '' --appendonly yes --appendfsync everysec``). With
+    ``replica_of`` it replicates that server and this returns once the link is up.
     """
     binary = require_tool("redis-server")
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -474,14 +476,29 @@ def start_redis(manager: ProcessManager, data_dir: Path, timeout: float = 15.0) 
         "--protected-mode", "yes",
         "--logfile", "",
     ]  # fmt: skip
-    proc = manager.start("redis", argv)
+    if replica_of is not None:
+        argv += ["--replicaof", LOOPBACK, str(replica_of.port)]
+    proc = manager.start(name, argv)
     deadline = time.monotonic() + timeout
     while not _redis_ping(port):
         proc.check_alive()
         if time.monotonic() > deadline:
             raise BenchError(f"redis-server not answering PING on port {port}:\n{log_tail(proc.log_path)}")
         time.sleep(0.05)
+    if replica_of is not None:
+        while b"master_link_status:up" not in _redis_command(port, b"INFO replication"):
+            proc.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"redis replica on port {port} did not sync:\n{log_tail(proc.log_path)}")
+            time.sleep(0.05)
     return RedisServer(proc, port, data_dir)
+
+
+def _redis_command(port: int, command: bytes) -> bytes:
+    with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), timeout=0.5) as sock:
+        sock.sendall(command + b"\r\n")
+        return sock.recv(65536)
+    return b""
 
 
 _SINK_RECORD = re.compile(r"mesg=(\d+)")

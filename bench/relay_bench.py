@@ -80,7 +80,8 @@ from _procs import (
 REPO = Path(__file__).resolve().parents[1]
 SENDER = "sender@example.com"
 RECIPIENT = "user@bench.test"
-SYSTEMS = ("postfix", "mxgate")
+SYSTEMS = ("postfix", "mxgate", "mxgate-replicated")
+DEFAULT_SYSTEMS = ("postfix", "mxgate")
 
 _SOURCE_RECORD = re.compile(r"^\s*(\d+)\s*$")
 
@@ -374,13 +375,20 @@ def check_mxgate_cli(override: str | None) -> None:
         )
 
 
-def run_mxgate(args: argparse.Namespace, workdir: Path) -> RunResult:
+def run_mxgate_replicated(args: argparse.Namespace, workdir: Path) -> RunResult:
+    """mxgate with a replica behind its Redis: every 250 waits for the replica's acknowledgement (WAIT 1)."""
+    return run_mxgate(args, workdir, replicated=True)
+
+
+def run_mxgate(args: argparse.Namespace, workdir: Path, *, replicated: bool = False) -> RunResult:
     """Benchmark mxgate: redis-server, one controller, ``--gateways`` gateway processes."""
-    root = workdir / "mxgate"
+    root = workdir / ("mxgate-replicated" if replicated else "mxgate")
     cmd, env = mxgate_command(args.mxgate_cmd)
     with ProcessManager(root / "logs") as manager:
         sink = SmtpSink.start(manager, "smtp-sink")
         redis = start_redis(manager, root / "redis")
+        replica = start_redis(manager, root / "replica", replica_of=redis, name="redis-replica") if replicated \
+            else None
         policies = root / "policies"
         policies.mkdir(parents=True)
         (policies / "bench.yaml").write_text(POLICY_YAML.format(host=LOOPBACK, port=sink.port))
@@ -396,7 +404,7 @@ def run_mxgate(args: argparse.Namespace, workdir: Path) -> RunResult:
             metrics = find_free_port()
             gateway_argv = [*cmd, "gateway", "--redis-url", redis.url, "--listen", f"{LOOPBACK}:{listen}"]
             gateway_argv += ["--metrics-listen", f"{LOOPBACK}:{metrics}", "--allowed-networks", "127.0.0.0/8"]
-            gateway_argv += ["--reuse-port"]
+            gateway_argv += ["--reuse-port", "--replica-acks", "1" if replicated else "0"]
             proc = manager.start(f"mxgate-gateway-{i}", gateway_argv, env=env)
             gateways.append((proc, metrics))
         for proc, metrics in gateways:
@@ -407,6 +415,8 @@ def run_mxgate(args: argparse.Namespace, workdir: Path) -> RunResult:
         def alive() -> None:
             sink.proc.check_alive()
             redis.proc.check_alive()
+            if replica is not None:
+                replica.proc.check_alive()
             controller.check_alive()
             for proc, _ in gateways:
                 proc.check_alive()
@@ -418,7 +428,7 @@ def run_mxgate(args: argparse.Namespace, workdir: Path) -> RunResult:
         )
         smoke("mxgate", listen, sink, args, alive)
         result = run_load(
-            "mxgate",
+            "mxgate-replicated" if replicated else "mxgate",
             listen,
             sink,
             manager,
@@ -426,7 +436,7 @@ def run_mxgate(args: argparse.Namespace, workdir: Path) -> RunResult:
             alive,
             {
                 "mxgate": lambda: [controller.pid, *(p.pid for p, _ in gateways)],
-                "redis": lambda: [redis.proc.pid],
+                "redis": lambda: [redis.proc.pid, *([replica.proc.pid] if replica else [])],
             },
         )
         # Stop the gateways now (SIGTERM, all at once) to see whether they shut down cleanly.
@@ -438,6 +448,7 @@ def run_mxgate(args: argparse.Namespace, workdir: Path) -> RunResult:
             "gateway-0": shlex.join(gateways[0][0].argv),
         }
         result.checks["redis_persistence"] = "appendonly yes, appendfsync everysec, no RDB"
+        result.checks["replica_acks"] = 1 if replicated else 0
         result.checks["log_error_lines"] = {
             p.name: _count_errors(p.log_path) for p in [controller, *(g for g, _ in gateways)]
         }
@@ -515,7 +526,7 @@ def versions(systems: Sequence[str], mxgate_cmd: str | None) -> dict[str, str]:
         "python": platform.python_version(),
         "postfix": postfix_version(),
     }
-    if "mxgate" in systems:
+    if any(s.startswith("mxgate") for s in systems):
         redis = tool_output([require_tool("redis-server"), "--version"])
         match = re.search(r"v=(\S+)", redis)
         info["redis"] = match.group(1) if match else redis
@@ -552,20 +563,26 @@ def print_report(report: dict[str, Any], results: dict[str, RunResult]) -> None:
         file=out,
     )
     header = (
-        f"{'system':<10}{'ingest s':>10}{'ingest msg/s':>14}{'e2e s':>10}{'e2e msg/s':>12}{'delivered':>11}"
+        f"{'system':<18}{'ingest s':>10}{'ingest msg/s':>14}{'e2e s':>10}{'e2e msg/s':>12}{'delivered':>11}"
     )
     print(header, file=out)
     print("-" * len(header), file=out)
     for name, r in results.items():
         print(
-            f"{name:<10}{r.ingest_seconds:>10.2f}{r.ingest_rate:>14.1f}{r.e2e_seconds:>10.2f}{r.e2e_rate:>12.1f}"
+            f"{name:<18}{r.ingest_seconds:>10.2f}{r.ingest_rate:>14.1f}{r.e2e_seconds:>10.2f}{r.e2e_rate:>12.1f}"
             f"{r.delivered:>11}",
             file=out,
         )
     if "ratio_mxgate_over_postfix" in report:
         ratio = report["ratio_mxgate_over_postfix"]
         print(
-            f"{'mxgate/postfix':<14}{'':>6}{ratio['ingest']:>14.2f}{'':>10}{ratio['e2e']:>12.2f}",
+            f"{'mxgate/postfix':<18}{'':>10}{ratio['ingest']:>14.2f}{'':>10}{ratio['e2e']:>12.2f}",
+            file=out,
+        )
+    if "ratio_replicated_over_lone" in report:
+        ratio = report["ratio_replicated_over_lone"]
+        print(
+            f"{'replicated/lone':<18}{'':>10}{ratio['ingest']:>14.2f}{'':>10}{ratio['e2e']:>12.2f}",
             file=out,
         )
     print(file=out)
@@ -619,6 +636,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="command that runs mxgate's CLI (default: `mxgate` on PATH, else `python -m mxgate.cli`)",
     )
     parser.add_argument("--only", choices=SYSTEMS, help="benchmark only this system")
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), metavar="A,B",
+                        help=f"systems to run, in order, from {', '.join(SYSTEMS)} (default: %(default)s); "
+                        "mxgate-replicated runs mxgate with a replica behind Redis and --replica-acks 1")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
     parser.add_argument(
         "--workdir", type=Path, help="put the throwaway instances here (default: a new directory under /tmp)"
@@ -650,6 +670,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="seconds mxgate gateways get to exit after SIGTERM before SIGKILL (default: 30)",
     )
     args = parser.parse_args(argv)
+    args.systems = [args.only] if args.only else [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = sorted(set(args.systems) - set(SYSTEMS))
+    if unknown or not args.systems:
+        parser.error(f"--systems: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(SYSTEMS)}")
     if args.messages < 1 or args.sessions < 1 or args.size < 0 or args.gateways < 1:
         parser.error("--messages, --sessions and --gateways must be >= 1, --size >= 0")
     return args
@@ -683,13 +707,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; 0 on success, 1 on failure, 130 when interrupted."""
     args = parse_args(argv)
     install_signal_handlers()
-    systems = [args.only] if args.only else list(SYSTEMS)
+    systems = list(args.systems)
     try:
         for tool in ("smtp-source", "smtp-sink"):
             require_tool(tool)
         if "postfix" in systems:
             require_tool("postfix")
-        if "mxgate" in systems:
+        if any(s.startswith("mxgate") for s in systems):
             require_tool("redis-server")
             check_mxgate_cli(args.mxgate_cmd)
 
@@ -702,7 +726,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "messages": args.messages,
                 "sessions": args.sessions,
                 "size": args.size,
-                "gateways": args.gateways if "mxgate" in systems else None,
+                "gateways": args.gateways if any(s.startswith("mxgate") for s in systems) else None,
                 "connections_reused": True,
             },
         }
@@ -710,7 +734,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with work_directory(args) as workdir:
             for system in systems:
                 idle = wait_idle(args.wait_idle) if args.wait_idle > 0 else None
-                runner = run_postfix if system == "postfix" else run_mxgate
+                runner = {"postfix": run_postfix, "mxgate": run_mxgate,
+                          "mxgate-replicated": run_mxgate_replicated}[system]
                 results[system] = runner(args, workdir)
                 if idle:
                     results[system].checks["before_run"] = idle
@@ -719,6 +744,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["ratio_mxgate_over_postfix"] = {
                 "ingest": round(results["mxgate"].ingest_rate / results["postfix"].ingest_rate, 3),
                 "e2e": round(results["mxgate"].e2e_rate / results["postfix"].e2e_rate, 3),
+            }
+        if "mxgate" in results and "mxgate-replicated" in results:
+            report["ratio_replicated_over_lone"] = {
+                "ingest": round(results["mxgate-replicated"].ingest_rate / results["mxgate"].ingest_rate, 3),
+                "e2e": round(results["mxgate-replicated"].e2e_rate / results["mxgate"].e2e_rate, 3),
             }
         print_report(report, results)
         if args.json:

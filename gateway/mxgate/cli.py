@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mxgate import __version__
-from mxgate.errors import ConfigError, MxgateError
+from mxgate.errors import ConfigError, MxgateError, SpoolError
 from mxgate.telemetry.logs import configure_logging
 
 log = logging.getLogger("mxgate.cli")
@@ -251,11 +251,14 @@ async def _controller(args: argparse.Namespace) -> None:
     connection = RedisConnection(target)
     controller = FileController(connection.client, args.policies)
     try:
+        await connection.initialize()
         await controller.publish()
         if not args.once:
             await _until_signal(controller.run())
     except REDIS_ERRORS as exc:
         raise ConfigError(f"cannot reach Redis at {target.redacted}: {redact(str(exc))}") from exc
+    except SpoolError as exc:
+        raise ConfigError(str(exc)) from exc
     finally:
         await connection.aclose()
 
@@ -337,6 +340,10 @@ async def _status(args: argparse.Namespace) -> None:
     connection = RedisConnection(target)
     redis = connection.client
     try:
+        try:
+            await connection.initialize()
+        except SpoolError as exc:
+            raise ConfigError(str(exc)) from exc
         while True:
             try:
                 rows = await collect(redis, window=args.window)

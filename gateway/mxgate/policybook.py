@@ -132,6 +132,7 @@ class PolicyBook:
     async def reload(self) -> bool:
         """Read the policy table and every policy's effective limits. False (old state kept) if Redis fails."""
         try:
+            await self.connection.ensure()
             pipe = self.redis.pipeline(transaction=True)
             pipe.hgetall(keys.POLICIES)
             pipe.hget(keys.CONTROL, "rev")

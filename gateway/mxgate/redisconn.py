@@ -326,6 +326,11 @@ class RedisConnection:
             if self._sentinel is not None and self._watcher is None:
                 self._watcher = asyncio.get_running_loop().create_task(self._watch_sentinels())
 
+    async def ensure(self) -> None:
+        """Learn a cluster's slots if not done yet (redis-py's lazy start breaks when a transaction comes first)."""
+        if isinstance(self.client, RedisCluster) and not self.client.nodes_manager.slots_cache:
+            await self.client.initialize()
+
     async def aclose(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
