@@ -100,10 +100,11 @@ def test_helm_lint_strict(helm: Path, values: dict[str, Any]) -> None:
     ({"gateway": {"replicaAcks": -1}}, "/gateway/replicaAcks"),
     ({"gateway": {"replicaAckTimeoutSeconds": 0}}, "/gateway/replicaAckTimeoutSeconds"),
     ({"clusterDomain": "cluster.local."}, "/clusterDomain"),
+    ({"fullnameOverride": "f" * 47}, "/fullnameOverride"),
 ], ids=["typo", "mode", "appendfsync-no", "cidr", "port", "url-scheme", "policy-name", "redis-mode",
         "url-sentinel-scheme", "netpol-port", "master-name", "down-after", "failover-timeout", "min-replicas",
         "maxmemory-unit", "maxmemory-zero", "maxmemory-percent", "replica-acks-word", "replica-acks-negative",
-        "replica-ack-timeout", "cluster-domain"])
+        "replica-ack-timeout", "cluster-domain", "fullname-length"])
 def test_values_schema_refuses(helm: Path, values: dict[str, Any], complaint: str) -> None:
     for command in (["lint", "--strict", str(CHART)], ["template", "mx", str(CHART)]):
         result = helm_run(helm, *command, values=values, check=False)
@@ -163,6 +164,23 @@ def test_every_container_is_non_root_with_a_read_only_root(helm: Path, values: d
             for mount in c.get("volumeMounts", []):
                 if not mount.get("readOnly"):
                     assert mount["name"] in claims or "emptyDir" in volumes[mount["name"]], (where, mount)
+
+
+@pytest.mark.parametrize("values", [REPLICATED, {**REPLICATED, "fullnameOverride": "f" * 46}],
+                         ids=["long-release-name", "long-fullname-override"])
+def test_names_stay_within_kubernetes_limits(helm: Path, values: dict[str, Any]) -> None:
+    release = "r" * 53   # the longest release name helm accepts
+    result = helm_run(helm, "template", release, str(CHART), "--namespace", "mail", values=values)
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    label = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    for obj in objects:
+        name = obj["metadata"]["name"]
+        assert len(name) <= 63 and label.match(name), (obj["kind"], name)
+        if obj["kind"] == "StatefulSet":
+            # Its pods get the label controller-revision-hash=<name>-<10 characters>, which must fit 63.
+            assert len(name) <= 52, name
+            nodes = env_of(container(obj, "sentinel"))["REDIS_NODES"].split()
+            assert all(len(part) <= 63 for node in nodes for part in node.split(".")), nodes
 
 
 def test_the_image_runs_as_the_user_the_chart_expects(default: Manifests) -> None:

@@ -4,17 +4,18 @@
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* <release>-<chart>, or just <release> when it already contains the chart name. Trimmed to 50 so that
-suffixes such as "-operator" and "-redis-headless" stay within the 63 characters of a DNS label. */}}
+{{/* <release>-<chart>, or just <release> when it already contains the chart name. Trimmed to 46 so that the
+longest name, Service "<fullname>-redis-headless", stays within the 63 characters of a DNS label, and
+StatefulSet "<fullname>-redis" within 52 (its pods' controller-revision-hash label adds 11 characters to it). */}}
 {{- define "mxgate.fullname" -}}
 {{- if .Values.fullnameOverride -}}
-{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" -}}
+{{- .Values.fullnameOverride | trunc 46 | trimSuffix "-" -}}
 {{- else -}}
 {{- $name := default .Chart.Name .Values.nameOverride -}}
 {{- if contains $name .Release.Name -}}
-{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- .Release.Name | trunc 46 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 46 | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
