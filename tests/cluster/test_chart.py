@@ -36,9 +36,18 @@ DEFAULT_POLICIES = {"defaultPolicies": {"enabled": True, "names": ["microsoft", 
 SECRETS = {"gateway": {"tls": {"existingSecret": "smtp-tls"}, "auth": {"existingSecret": "smtp-users"},
                        "allowedNetworks": ["10.0.0.0/8", "fd00::/8"], "hostname": "mx1.example.com"}}
 
+REPLICATED = {"redis": {"mode": "replicated"}}
+EXTERNAL_SENTINEL = {"redis": {"external": {"url": "redis+sentinel://s1.corp.example:26379,s2.corp.example:26380,"
+                                                   "s3.corp.example:26379/corp-mail/2",
+                                            "existingSecret": "corp-redis"}}}
+EXTERNAL_CLUSTER = {"redis": {"external": {"url": "rediss+cluster://n1.corp.example:7000,n2.corp.example:7001",
+                                           "existingSecret": "corp-redis", "networkPolicyPorts": [7002]}}}
+
 VALUE_SETS = {"defaults": {}, "sidecar": SIDECAR, "external-redis": EXTERNAL_REDIS, "hpa": HPA,
               "service-monitor": SERVICE_MONITOR, "default-policies": DEFAULT_POLICIES, "tls-and-auth": SECRETS,
-              "sidecar-external-redis-no-netpol": {**SIDECAR, **EXTERNAL_REDIS, "networkPolicy": {"enabled": False}}}
+              "sidecar-external-redis-no-netpol": {**SIDECAR, **EXTERNAL_REDIS, "networkPolicy": {"enabled": False}},
+              "replicated": REPLICATED, "replicated-sidecar": {**REPLICATED, **SIDECAR},
+              "external-sentinel": EXTERNAL_SENTINEL, "external-cluster": EXTERNAL_CLUSTER}
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +63,11 @@ def default(helm: Path) -> Manifests:
 @pytest.fixture(scope="session")
 def sidecar(helm: Path) -> Manifests:
     return render(helm, SIDECAR)
+
+
+@pytest.fixture(scope="session")
+def replicated(helm: Path) -> Manifests:
+    return render(helm, REPLICATED)
 
 
 # ---- lint, and values the schema or the templates refuse ----
@@ -72,7 +86,25 @@ def test_helm_lint_strict(helm: Path, values: dict[str, Any]) -> None:
     ({"gateway": {"service": {"ports": {"smtp": 0, "submission": 587}}}}, "/gateway/service/ports/smtp"),
     ({"redis": {"external": {"url": "http://redis:6379"}}}, "/redis/external/url"),
     ({"defaultPolicies": {"enabled": True, "names": ["hotmail"]}}, "/defaultPolicies/names/0"),
-], ids=["typo", "mode", "appendfsync-no", "cidr", "port", "url-scheme", "policy-name"])
+    ({"redis": {"mode": "cluster"}}, "/redis/mode"),
+    ({"redis": {"external": {"url": "sentinel://s1:26379/mx"}}}, "/redis/external/url"),
+    ({"redis": {"external": {"networkPolicyPorts": [0]}}}, "/redis/external/networkPolicyPorts/0"),
+    ({"redis": {"replicated": {"masterName": "my master"}}}, "/redis/replicated/masterName"),
+    ({"redis": {"replicated": {"downAfterMilliseconds": 100}}}, "/redis/replicated/downAfterMilliseconds"),
+    ({"redis": {"replicated": {"failoverTimeout": 0}}}, "/redis/replicated/failoverTimeout"),
+    ({"redis": {"replicated": {"minReplicasToWrite": 3}}}, "/redis/replicated/minReplicasToWrite"),
+    ({"redis": {"maxmemory": "1tb"}}, "/redis/maxmemory"),
+    ({"redis": {"maxmemory": "0"}}, "/redis/maxmemory"),
+    ({"redis": {"maxmemoryPercent": 95}}, "/redis/maxmemoryPercent"),
+    ({"gateway": {"replicaAcks": "all"}}, "/gateway/replicaAcks"),
+    ({"gateway": {"replicaAcks": -1}}, "/gateway/replicaAcks"),
+    ({"gateway": {"replicaAckTimeoutSeconds": 0}}, "/gateway/replicaAckTimeoutSeconds"),
+    ({"clusterDomain": "cluster.local."}, "/clusterDomain"),
+    ({"fullnameOverride": "f" * 47}, "/fullnameOverride"),
+], ids=["typo", "mode", "appendfsync-no", "cidr", "port", "url-scheme", "policy-name", "redis-mode",
+        "url-sentinel-scheme", "netpol-port", "master-name", "down-after", "failover-timeout", "min-replicas",
+        "maxmemory-unit", "maxmemory-zero", "maxmemory-percent", "replica-acks-word", "replica-acks-negative",
+        "replica-ack-timeout", "cluster-domain", "fullname-length"])
 def test_values_schema_refuses(helm: Path, values: dict[str, Any], complaint: str) -> None:
     for command in (["lint", "--strict", str(CHART)], ["template", "mx", str(CHART)]):
         result = helm_run(helm, *command, values=values, check=False)
@@ -83,13 +115,26 @@ def test_values_schema_refuses(helm: Path, values: dict[str, Any], complaint: st
 @pytest.mark.parametrize(("values", "complaint"), [
     ({"gateway": {"terminationGracePeriodSeconds": 20}}, "must exceed preStopSleepSeconds + shutdownGraceSeconds"),
     ({"gateway": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}}, "must not exceed"),
-], ids=["termination", "hpa-range"])
+    ({"redis": {"maxmemory": "1gb"}},
+     "redis.maxmemory (1gb = 1073741824 bytes) must be below redis.resources.limits.memory (1Gi = 1073741824 bytes)"),
+    ({"redis": {"mode": "replicated", "maxmemory": "2000mb", "resources": {"limits": {"memory": "2G"}}}},
+     "redis.maxmemory (2000mb = 2097152000 bytes) must be below redis.resources.limits.memory (2G = 2000000000"),
+    ({"redis": {"resources": {"limits": {"memory": "1.5Gi"}}}},
+     'redis.resources.limits.memory "1.5Gi": the chart reads'),
+    ({"redis": {"resources": {"limits": None}}}, "redis.resources.limits.memory is unset and redis.maxmemory empty"),
+    ({"redis": {"external": {"url": "redis+sentinel://:hunter2@s1:26379/mx"}}}, "redis.external.url holds a password"),
+    ({"redis": {"external": {"url": "redis://app:hunter2@redis.corp:6379/0"}}}, "redis.external.url holds a password"),
+    ({"redis": {"external": {"url": "unix:///run/redis.sock?password=hunter2"}}},
+     "redis.external.url holds a password"),
+], ids=["termination", "hpa-range", "maxmemory-at-limit", "maxmemory-above-limit", "limit-fraction", "no-limit",
+        "password-in-sentinel-url", "password-in-url", "password-in-unix-url"])
 def test_templates_refuse(helm: Path, values: dict[str, Any], complaint: str) -> None:
     # Relations between two values, which JSON Schema cannot state: the templates `fail`. (helm lint only
     # logs a template's fail as INFO, by design; template and install refuse.)
     result = helm_run(helm, "template", "mx", str(CHART), values=values, check=False)
     assert result.returncode != 0, f"helm template accepted {values}"
     assert complaint in result.stderr, result.stderr
+    assert "hunter2" not in result.stderr, "the error repeats the password"
 
 
 # ---- what every workload shares ----
@@ -119,6 +164,23 @@ def test_every_container_is_non_root_with_a_read_only_root(helm: Path, values: d
             for mount in c.get("volumeMounts", []):
                 if not mount.get("readOnly"):
                     assert mount["name"] in claims or "emptyDir" in volumes[mount["name"]], (where, mount)
+
+
+@pytest.mark.parametrize("values", [REPLICATED, {**REPLICATED, "fullnameOverride": "f" * 46}],
+                         ids=["long-release-name", "long-fullname-override"])
+def test_names_stay_within_kubernetes_limits(helm: Path, values: dict[str, Any]) -> None:
+    release = "r" * 53   # the longest release name helm accepts
+    result = helm_run(helm, "template", release, str(CHART), "--namespace", "mail", values=values)
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    label = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    for obj in objects:
+        name = obj["metadata"]["name"]
+        assert len(name) <= 63 and label.match(name), (obj["kind"], name)
+        if obj["kind"] == "StatefulSet":
+            # Its pods get the label controller-revision-hash=<name>-<10 characters>, which must fit 63.
+            assert len(name) <= 52, name
+            nodes = env_of(container(obj, "sentinel"))["REDIS_NODES"].split()
+            assert all(len(part) <= 63 for node in nodes for part in node.split(".")), nodes
 
 
 def test_the_image_runs_as_the_user_the_chart_expects(default: Manifests) -> None:
@@ -238,7 +300,8 @@ def _parse(container_spec: dict[str, Any], tmp_path: Path, monkeypatch: pytest.M
     return build_parser().parse_args(args)
 
 
-@pytest.mark.parametrize("values", [{}, SECRETS, EXTERNAL_REDIS], ids=["defaults", "tls-and-auth", "external"])
+@pytest.mark.parametrize("values", [{}, SECRETS, EXTERNAL_REDIS, REPLICATED, EXTERNAL_SENTINEL],
+                         ids=["defaults", "tls-and-auth", "external", "replicated", "external-sentinel"])
 def test_gateway_command_line_parses(helm: Path, values: dict[str, Any], tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     gateway = container(render(helm, values).get("Deployment", GATEWAY), "gateway")
@@ -247,6 +310,7 @@ def test_gateway_command_line_parses(helm: Path, values: dict[str, Any], tmp_pat
     assert parsed.listen == ("0.0.0.0", 2525) and parsed.metrics_listen == ("0.0.0.0", 9325)
     assert parsed.redis_url == env_of(gateway)["MXGATE_REDIS_URL"]
     assert str(parsed.redis_password_file) == "/var/run/secrets/mxgate/redis/password"
+    assert parsed.replica_acks is None and parsed.replica_ack_timeout == 1.0   # auto; 1 s
     if values is SECRETS:
         assert parsed.tls_cert and parsed.tls_key and parsed.credentials_file
         assert [str(n) for n in parsed.allowed_networks] == ["10.0.0.0/8", "fd00::/8"]
@@ -323,21 +387,50 @@ def test_sidecar_mode_runs_the_operator_in_every_gateway_pod(sidecar: Manifests)
 
 # ---- Redis ----
 
+def redis_conf(manifests: Manifests) -> dict[str, str]:
+    """The bundled Redis's static settings (redis.conf in its ConfigMap)."""
+    config = manifests.get("ConfigMap", REDIS)["data"]["redis.conf"]
+    return dict(line.split(None, 1) for line in config.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def quantity_bytes(quantity: str) -> int:
+    units = {"": 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
+    number, unit = re.fullmatch(r"([0-9]+)([A-Za-z]*)", quantity).groups()  # type: ignore[union-attr]
+    return int(number) * units[unit]
+
+
+def redis_bytes(size: str) -> int:
+    units = {"": 1, "k": 10**3, "kb": 2**10, "m": 10**6, "mb": 2**20, "g": 10**9, "gb": 2**30}
+    number, unit = re.fullmatch(r"([0-9]+)([a-z]*)", size.lower()).groups()  # type: ignore[union-attr]
+    return int(number) * units[unit]
+
+
 def test_bundled_redis_is_durable_and_password_protected(default: Manifests) -> None:
     statefulset = default.get("StatefulSet", REDIS)
+    assert statefulset["spec"]["replicas"] == 1
     assert statefulset["spec"]["serviceName"] == f"{REDIS}-headless"
     assert default.get("Service", f"{REDIS}-headless")["spec"]["clusterIP"] == "None"
     assert default.get("Service", REDIS)["spec"]["ports"][0]["port"] == 6379
     claims = statefulset["spec"]["volumeClaimTemplates"]
     assert [c["metadata"]["name"] for c in claims] == ["data"]
-    config = default.get("ConfigMap", REDIS)["data"]["redis.conf"]
-    settings = dict(line.split(None, 1) for line in config.splitlines() if line and not line.startswith("#"))
+    settings = redis_conf(default)
     assert settings["appendonly"] == "yes"
     assert settings["appendfsync"] == "everysec"
     assert settings["maxmemory-policy"] == "noeviction"
-    assert settings["include"] == "/run/redis/auth.conf"
-    script = container(statefulset, "redis")["args"][0]
-    assert "requirepass" in script and "exec redis-server /etc/redis/redis.conf" in script
+    assert settings["save"] == '""'
+    # The start script writes the password into a file in memory and includes the ConfigMap's settings.
+    redis = container(statefulset, "redis")
+    assert redis["command"] == ["/bin/sh", "/etc/redis/start-redis.sh"]
+    script = default.get("ConfigMap", REDIS)["data"]["start-redis.sh"]
+    assert "printf 'requirepass \"%s\"\\n' \"$pw\"" in script
+    assert 'exec redis-server "$REDIS_RUN_DIR/redis.conf"' in script
+    assert 'echo "include $REDIS_CONFIG_DIR/redis.conf"' in script and "replicaof" not in script
+    mounts = {m["mountPath"]: m["name"] for m in redis["volumeMounts"]}
+    env = env_of(redis)
+    assert mounts[env["REDIS_CONFIG_DIR"]] == "config" and mounts[env["REDIS_DATA_DIR"]] == "data"
+    assert {v["name"]: v for v in pod_spec(statefulset)["volumes"]}[mounts[env["REDIS_RUN_DIR"]]]["emptyDir"]
+    assert env["REDIS_PASSWORD_FILE"].startswith("/var/run/secrets/mxgate/redis/")
+    assert redis["readinessProbe"]["exec"]["command"] == ["/bin/sh", "/etc/redis/ready.sh", "redis"]
     secret = default.get("Secret", REDIS)
     assert set(secret["data"]) == {"password"}
     # Every mxgate process gets the Service's URL and the same Secret.
@@ -347,16 +440,141 @@ def test_bundled_redis_is_durable_and_password_protected(default: Manifests) -> 
         assert env["MXGATE_REDIS_URL"] == f"redis://{REDIS}:6379/0"
         volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
         assert volumes["redis-password"]["secret"]["secretName"] == REDIS
+    assert not default.of_kind("PodDisruptionBudget") or REDIS not in default.names("PodDisruptionBudget")
+
+
+@pytest.mark.parametrize("values", [{}, REPLICATED, {"redis": {"resources": {"limits": {"memory": "3G"}}}},
+                                    {"redis": {"maxmemoryPercent": 60, "resources": {"limits": {"memory": "512Mi"}}}},
+                                    {"redis": {"maxmemory": "900mb"}}],
+                         ids=["defaults", "replicated", "limit-3G", "percent-60", "explicit"])
+def test_maxmemory_is_below_the_memory_limit(helm: Path, values: dict[str, Any]) -> None:
+    manifests = render(helm, values)
+    settings = redis_conf(manifests)
+    assert settings["maxmemory-policy"] == "noeviction"
+    limit = quantity_bytes(container(manifests.get("StatefulSet", REDIS), "redis")["resources"]["limits"]["memory"])
+    maxmemory = redis_bytes(settings["maxmemory"])
+    assert 0 < maxmemory < limit
+    redis_values = values.get("redis", {})
+    if "maxmemory" in redis_values:
+        assert settings["maxmemory"] == redis_values["maxmemory"]
+    else:
+        assert maxmemory == limit * redis_values.get("maxmemoryPercent", 75) // 100
+
+
+def test_redis_memory_defaults_are_consistent() -> None:
+    # values.yaml itself: a limit, maxmemory left to the chart, and memory requested as much as the limit (the
+    # kubelet evicts pods above their requests first under node memory pressure).
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["redis"]
+    assert values["maxmemory"] == "" and 0 < values["maxmemoryPercent"] < 100
+    assert values["resources"]["requests"]["memory"] == values["resources"]["limits"]["memory"]
 
 
 def test_appendfsync_always_and_no_persistence(helm: Path) -> None:
-    manifests = render(helm, {"redis": {"appendfsync": "always", "maxmemory": "1gb",
+    manifests = render(helm, {"redis": {"appendfsync": "always", "maxmemory": "800mb",
                                         "persistence": {"enabled": False}}})
-    config = manifests.get("ConfigMap", REDIS)["data"]["redis.conf"]
-    assert "appendfsync always" in config.splitlines() and "maxmemory 1gb" in config.splitlines()
+    settings = redis_conf(manifests)
+    assert (settings["appendfsync"], settings["maxmemory"]) == ("always", "800mb")
     statefulset = manifests.get("StatefulSet", REDIS)
     assert "volumeClaimTemplates" not in statefulset["spec"]
     assert {"name": "data", "emptyDir": {}} in pod_spec(statefulset)["volumes"]
+
+
+def redis_pod_names() -> list[str]:
+    return [f"{REDIS}-{i}.{REDIS}-headless.mail.svc.cluster.local" for i in range(3)]
+
+
+def test_replicated_redis_has_a_primary_two_replicas_and_three_sentinels(replicated: Manifests) -> None:
+    statefulset = replicated.get("StatefulSet", REDIS)
+    spec = statefulset["spec"]
+    assert spec["replicas"] == 3 and spec["podManagementPolicy"] == "Parallel"
+    assert spec["serviceName"] == f"{REDIS}-headless"
+    assert [c["metadata"]["name"] for c in spec["volumeClaimTemplates"]] == ["data"]
+    assert [c["name"] for c in pod_spec(statefulset)["containers"]] == ["redis", "sentinel"]
+    redis, sentinel = (container(statefulset, name) for name in ("redis", "sentinel"))
+    assert sentinel["command"] == ["/bin/sh", "/etc/redis/start-sentinel.sh"]
+    assert {p["name"]: p["containerPort"] for p in sentinel["ports"]} == {"sentinel": 26379}
+    assert sentinel["readinessProbe"]["exec"]["command"] == ["/bin/sh", "/etc/redis/ready.sh", "sentinel"]
+    assert sentinel["resources"]["limits"]["memory"] == "64Mi"
+    # Each pod knows its own stable DNS name and everyone's, pod 0 first.
+    for c in (redis, sentinel):
+        env = env_of(c)
+        assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+        assert env["REDIS_SELF"] == f"$(POD_NAME).{REDIS}-headless.mail.svc.cluster.local"
+        assert env["REDIS_NODES"].split() == redis_pod_names()
+        assert (env["REDIS_PORT"], env["SENTINEL_PORT"]) == ("6379", "26379")
+    headless = replicated.get("Service", f"{REDIS}-headless")["spec"]
+    assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is True
+    assert {p["port"] for p in headless["ports"]} == {6379, 26379}
+    # No Service over all three pods: it would send writes to replicas.
+    assert REDIS not in replicated.names("Service")
+
+    data = replicated.get("ConfigMap", REDIS)["data"]
+    settings = redis_conf(replicated)
+    assert (settings["appendonly"], settings["appendfsync"], settings["maxmemory-policy"]) == (
+        "yes", "everysec", "noeviction")
+    assert "min-replicas-to-write" not in settings
+    replica = data["start-redis.sh"]
+    assert 'echo "replica-announce-ip $REDIS_SELF"' in replica
+    assert "printf 'masterauth \"%s\"\\n' \"$pw\"" in replica
+    assert 'echo "replicaof $primary $REDIS_PORT"' in replica and "primary=$(find_primary)" in replica
+    lines = {line.strip() for line in data["start-sentinel.sh"].splitlines()}
+    for line in ('echo "sentinel monitor mxgate $primary $REDIS_PORT 2"',            # quorum 2 of 3
+                 "printf 'sentinel auth-pass mxgate \"%s\"\\n' \"$pw\"",
+                 "printf 'requirepass \"%s\"\\n' \"$pw\"",
+                 'echo "sentinel resolve-hostnames yes"', 'echo "sentinel announce-hostnames yes"',
+                 'echo "sentinel announce-ip $REDIS_SELF"',
+                 'echo "sentinel down-after-milliseconds mxgate 10000"',
+                 'echo "sentinel failover-timeout mxgate 60000"', 'echo "sentinel parallel-syncs mxgate 1"',
+                 "primary=$(find_primary)"):
+        assert line in lines, line
+    assert "sentinel get-master-addr-by-name mxgate" in data["common.sh"]
+
+    # Spread over nodes when possible; drained one at a time.
+    [term] = pod_spec(statefulset)["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    pdb = replicated.get("PodDisruptionBudget", REDIS)
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": spec["selector"]}
+
+
+def test_replicated_redis_values(helm: Path) -> None:
+    manifests = render(helm, {"clusterDomain": "corp.internal", "redis": {
+        "mode": "replicated", "affinity": {"nodeAffinity": {}},
+        "replicated": {"masterName": "mail-spool", "downAfterMilliseconds": 5000, "failoverTimeout": 30000,
+                       "minReplicasToWrite": 1, "minReplicasMaxLag": 5, "podDisruptionBudget": {"enabled": False}}}})
+    settings = redis_conf(manifests)
+    assert (settings["min-replicas-to-write"], settings["min-replicas-max-lag"]) == ("1", "5")
+    script = manifests.get("ConfigMap", REDIS)["data"]["start-sentinel.sh"]
+    assert 'echo "sentinel monitor mail-spool $primary $REDIS_PORT 2"' in script
+    assert 'echo "sentinel down-after-milliseconds mail-spool 5000"' in script
+    assert 'echo "sentinel failover-timeout mail-spool 30000"' in script
+    statefulset = manifests.get("StatefulSet", REDIS)
+    assert pod_spec(statefulset)["affinity"] == {"nodeAffinity": {}}
+    assert env_of(container(statefulset, "sentinel"))["REDIS_NODES"].split()[0] == (
+        f"{REDIS}-0.{REDIS}-headless.mail.svc.corp.internal")
+    assert REDIS not in manifests.names("PodDisruptionBudget")
+    url = env_of(container(manifests.get("Deployment", GATEWAY), "gateway"))["MXGATE_REDIS_URL"]
+    assert url.endswith("/mail-spool/0") and ".svc.corp.internal:26379," in url
+
+
+def test_replicated_mode_clients_use_the_sentinels(replicated: Manifests) -> None:
+    sentinels = ",".join(f"{name}:26379" for name in redis_pod_names())
+    for workload, name in ((GATEWAY, "gateway"), (OPERATOR, "operator")):
+        deployment = replicated.get("Deployment", workload)
+        env = env_of(container(deployment, name))
+        assert env["MXGATE_REDIS_URL"] == f"redis+sentinel://{sentinels}/mxgate/0"
+        assert env["MXGATE_REDIS_PASSWORD_FILE"] == "/var/run/secrets/mxgate/redis/password"
+        volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+        assert volumes["redis-password"]["secret"]["secretName"] == REDIS
+        assert "hunter2" not in json.dumps(deployment) and ":@" not in env["MXGATE_REDIS_URL"]
+
+
+def test_gateway_passes_replica_acks(default: Manifests, helm: Path) -> None:
+    args = container(default.get("Deployment", GATEWAY), "gateway")["args"]
+    assert (flag(args, "--replica-acks"), flag(args, "--replica-ack-timeout")) == ("auto", "1")
+    args = container(render(helm, {"gateway": {"replicaAcks": 2, "replicaAckTimeoutSeconds": 0.25}}).get(
+        "Deployment", GATEWAY), "gateway")["args"]
+    assert (flag(args, "--replica-acks"), flag(args, "--replica-ack-timeout")) == ("2", "0.25")
 
 
 def test_external_redis_replaces_the_bundled_one(helm: Path) -> None:
@@ -412,6 +630,52 @@ def test_network_policies(default: Manifests) -> None:
     assert not operator.get("ingress")
     ports = {(p["port"], p["protocol"]) for rule in operator["egress"] for p in rule["ports"]}
     assert ports == {(53, "UDP"), (53, "TCP"), (6379, "TCP"), (443, "TCP"), (6443, "TCP")}
+
+
+@pytest.mark.parametrize("values", [REPLICATED, {**REPLICATED, **SIDECAR}], ids=["deployment", "sidecar"])
+def test_network_policies_in_replicated_mode(helm: Path, values: dict[str, Any]) -> None:
+    manifests = render(helm, values)
+    sidecar = values.get("operator") == SIDECAR["operator"]
+    clients = [GATEWAY] if sidecar else [GATEWAY, OPERATOR]
+    labels = {name: manifests.get(kind, name)["spec"]["template"]["metadata"]["labels"]
+              for kind, name in [("Deployment", c) for c in clients] + [("StatefulSet", REDIS)]}
+    # Redis pods: Redis and sentinel ports in from the gateway, the operator and each other.
+    redis = manifests.get("NetworkPolicy", REDIS)["spec"]
+    [rule] = redis["ingress"]
+    assert rule["ports"] == [{"port": "redis", "protocol": "TCP"}, {"port": "sentinel", "protocol": "TCP"}]
+    allowed = [name for name, pod in labels.items() if any(_selects(p, pod) for p in rule["from"])]
+    assert sorted(allowed) == sorted([*clients, REDIS])
+    # Out: DNS (they know each other by name) and the other Redis pods, on both ports; nothing else.
+    egress = {(p["port"], p["protocol"]): r.get("to") for r in redis["egress"] for p in r["ports"]}
+    assert set(egress) == {(53, "UDP"), (53, "TCP"), (6379, "TCP"), (26379, "TCP")}
+    for port in (6379, 26379):
+        [peer] = egress[(port, "TCP")]
+        assert _selects(peer, labels[REDIS])
+    # Gateway and operator reach the sentinels and the data nodes.
+    for client in clients:
+        rules = manifests.get("NetworkPolicy", client)["spec"]["egress"]
+        to_redis = [r for r in rules if any(_selects(p, labels[REDIS]) for p in r.get("to", []))]
+        assert [{p["port"] for p in r["ports"]} for r in to_redis] == [{6379, 26379}]
+
+
+@pytest.mark.parametrize(("values", "ports"), [
+    (EXTERNAL_SENTINEL, {26379, 26380, 6379}),
+    ({"redis": {"external": {**EXTERNAL_SENTINEL["redis"]["external"], "networkPolicyPorts": [6380]}}},
+     {26379, 26380, 6380}),
+    ({"redis": {"external": {"url": "redis+sentinel://sentinel.corp.example/mx"}}}, {26379, 6379}),
+    (EXTERNAL_CLUSTER, {7000, 7001, 7002}),
+    ({"redis": {"external": {"url": "redis://redis.corp.example/0"}}}, {6379}),
+], ids=["sentinel", "sentinel-data-port", "sentinel-default-ports", "cluster", "single-default-port"])
+def test_external_redis_network_policy_ports(helm: Path, values: dict[str, Any], ports: set[int]) -> None:
+    manifests = render(helm, values)
+    assert not manifests.of_kind("StatefulSet") and REDIS not in manifests.names("NetworkPolicy")
+    url = values["redis"]["external"]["url"]
+    for workload, name in ((GATEWAY, "gateway"), (OPERATOR, "operator")):
+        assert env_of(container(manifests.get("Deployment", workload), name))["MXGATE_REDIS_URL"] == url
+        rules = manifests.get("NetworkPolicy", workload)["spec"]["egress"]
+        [external] = [r for r in rules if r.get("to") == [{"ipBlock": {"cidr": "0.0.0.0/0"}}]
+                      and not {p["port"] for p in r["ports"]} & {25, 443, 6443}]
+        assert {p["port"] for p in external["ports"]} == ports
 
 
 # ---- monitoring ----
