@@ -276,6 +276,7 @@ class Sender:
     concurrency: int = 20
     rate: float | None = None  # messages per second at most, over all connections (a steady send)
     rcpt: str = "u@outlook.test"
+    rcpts: Sequence[str] = ()   # if given, message n goes to rcpts[n % len(rcpts)] instead of rcpt
     accepted: dict[int, Accepted] = field(default_factory=dict)
     failures: Counter[str] = field(default_factory=Counter)
     _next_slot: float = 0.0
@@ -302,8 +303,8 @@ class Sender:
                     if smtp is None or not smtp.is_connected:
                         smtp = aiosmtplib.SMTP(hostname=LOOPBACK, port=self.ports[port_index], timeout=30)
                         await smtp.connect()
-                    _, reply = await smtp.sendmail("app@example.com", [self.rcpt],
-                                                   numbered_message(number, rcpt=self.rcpt))
+                    rcpt = self.rcpts[number % len(self.rcpts)] if self.rcpts else self.rcpt
+                    _, reply = await smtp.sendmail("app@example.com", [rcpt], numbered_message(number, rcpt=rcpt))
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                     self.failures[_failure_kind(exc)] += 1
                     todo.put_nowait(number)
