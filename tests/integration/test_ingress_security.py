@@ -558,6 +558,85 @@ async def test_bad_sender_syntax_is_refused(redis_url: str, address: str, reply:
             assert str(await client.command(f"MAIL FROM:<{SENDER}>")) == "250 2.1.0 Ok"
 
 
+CONTROL = "control characters are not allowed"
+HOSTILE_PATHS: dict[str, tuple[bytes, str]] = {
+    # What aiosmtpd's parser hands over but no next hop could ever be sent (aiosmtplib raises on a control
+    # character in a command), nor a notification to such a sender be written: was 250, then a job no
+    # attempt could finish. id -> (the path between "<" and ">", the reason the 501 names).
+    "nul": (b"a\x00b@outlook.test", CONTROL),
+    "nul-quoted": (b'"a\x00b"@outlook.test', CONTROL),
+    "soh": (b"a\x01b@outlook.test", CONTROL),
+    "esc": (b"a\x1bb@outlook.test", CONTROL),
+    "us": (b"a\x1fb@outlook.test", CONTROL),
+    "del": (b"a\x7fb@outlook.test", CONTROL),
+    "not-utf8": (b"j\xffrg@outlook.test", "not valid UTF-8"),
+    "line-separator": ('"a\u2028 b"@outlook.test'.encode(), "line separators (U+0085, U+2028, U+2029) are not allowed"),
+    "nel": ('"a\x85 b"@outlook.test'.encode(), "line separators (U+0085, U+2028, U+2029) are not allowed"),
+    "local-part-65": (b"a" * 65 + b"@outlook.test", "local part longer than 64 octets (RFC 5321 section 4.5.3.1.1)"),
+    "domain-256": (b"u@" + b"d" * 243 + b".outlook.test", "domain longer than 255 octets (RFC 5321 section 4.5.3.1.2)"),
+    "path-257": (b"u@" + b"d" * 240 + b".outlook.test", "path longer than 256 octets (RFC 5321 section 4.5.3.1.3)"),
+}
+
+
+def at_limits(local: str) -> str:
+    """An address in outlook.test whose path is exactly 256 octets (RFC 5321's limit), domain labels <= 63."""
+    room = 254 - len(local) - len("@outlook.test")
+    labels = []
+    while room > 0:
+        label = min(63, room - 1)
+        labels.append("s" * label)
+        room -= label + 1
+    return f"{local}@{'.'.join(labels)}.outlook.test"
+
+
+async def command_bytes(client: RawClient, line: bytes) -> Reply:
+    await client.send(line + b"\r\n")
+    return await client.reply()
+
+
+@pytest.mark.parametrize(("path", "reason"), HOSTILE_PATHS.values(), ids=HOSTILE_PATHS.keys())
+async def test_a_sender_no_next_hop_could_be_sent_is_refused_at_mail(
+        redis_url: str, redis_client: aioredis.Redis, path: bytes, reason: str) -> None:
+    async with running_gateway(redis_url) as gw:
+        async with raw_client(gw.port) as client:
+            assert (await client.command("EHLO client.test")).code == 250
+            assert str(await command_bytes(client, b"MAIL FROM:<" + path + b">")) == (
+                f"501 5.1.7 Bad sender address: {reason}")
+            assert (await client.command(f"RCPT TO:<{RCPT}>")).code == 503   # nothing was recorded
+            assert str(await client.command(f"MAIL FROM:<{SENDER}>")) == "250 2.1.0 Ok"
+    await assert_nothing_spooled(redis_client)
+
+
+@pytest.mark.parametrize(("path", "reason"), HOSTILE_PATHS.values(), ids=HOSTILE_PATHS.keys())
+async def test_a_recipient_no_next_hop_could_be_sent_is_refused_at_rcpt(
+        redis_url: str, redis_client: aioredis.Redis, path: bytes, reason: str) -> None:
+    async with running_gateway(redis_url) as gw:
+        async with raw_client(gw.port) as client:
+            assert (await client.command("EHLO client.test")).code == 250
+            assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
+            assert str(await command_bytes(client, b"RCPT TO:<" + path + b">")) == (
+                f"501 5.1.3 Bad recipient address: {reason}")
+            assert (await client.command("DATA")).code == 503                # nothing was recorded
+    await assert_nothing_spooled(redis_client)
+
+
+async def test_addresses_at_the_rfc_5321_limits_are_accepted_and_relayed(
+        redis_url: str, redis_client: aioredis.Redis, sink: Sink) -> None:
+    sender, rcpt = "s" * 64 + "@example.com", at_limits("r" * 64)
+    assert len(rcpt) + 2 == 256
+    async with running_gateway(redis_url) as gw:
+        async with raw_client(gw.port) as client:
+            assert (await client.command("EHLO client.test")).code == 250
+            assert str(await client.command(f"MAIL FROM:<{sender}>")) == "250 2.1.0 Ok"
+            assert str(await client.command(f"RCPT TO:<{rcpt}>")) == "250 2.1.5 Ok"
+            assert (await client.command("DATA")).code == 354
+            await client.send(message("at-limits") + b".\r\n")
+            assert (await client.reply()).text.startswith("2.0.0 Ok: queued as ")
+        await drained(redis_client, sink, 1)
+    delivered = sink.handler.messages[0]
+    assert (delivered.mail_from, delivered.rcpt_tos) == (sender, [rcpt])
+
+
 async def test_null_sender_is_accepted_and_relayed(
         redis_url: str, redis_client: aioredis.Redis, sink: Sink) -> None:
     async with running_gateway(redis_url) as gw:

@@ -14,6 +14,12 @@ and renews the visibility lease of the jobs it holds. Connections are reused for
 Dispatchers start when ingress announces new mail ("wake" events), when a periodic scan of the
 provider index finds due work (mail deferred earlier, or jobs left by a crashed pod), and stop after
 a minute of idleness.
+
+No job stays claimed because something raised: routing a claimed job and sending one over a connection
+each work on it in a turn (``claimed.ClaimedJobs._turn``), so an exception ends that job's attempt with a
+classified outcome (see ``egress.claimed``). A connection lease that cannot be taken ends the attempt at
+the next queued job the same way; the claim loop and the provider scan log and count an exception and go
+on.
 """
 
 from __future__ import annotations
@@ -27,11 +33,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from mxgate.egress.dsn import RecipientFailure, build_dsn, should_notify
-from mxgate.egress.outcome import EXPIRED_STATUS, Verdict, judge
+from mxgate.egress.claimed import ClaimedJobs, Stage, Turn, note_internal_error
 from mxgate.egress.replies import DeferralClass, SmtpReply
 from mxgate.egress.session import DeliveryReport, GreetingRefused, OutboundSession
 from mxgate.errors import DeliveryError, DnsPermanentError, DnsTemporaryError, SpoolError
@@ -39,7 +43,7 @@ from mxgate.limits.fleet import CapReached, Lease, LimiterUnavailable, PermitAba
 from mxgate.policy import Limits, Warmup
 from mxgate.policybook import PolicyBook
 from mxgate.routing.router import NextHop, Router
-from mxgate.spool.store import Job, NewJob, Spool
+from mxgate.spool.store import Job, Spool
 from mxgate.tasks import cancel_and_wait
 from mxgate.telemetry.logs import queue_id_var
 from mxgate.telemetry.metrics import Metrics
@@ -48,8 +52,6 @@ log = logging.getLogger("mxgate.delivery")
 
 DISPATCHER_IDLE_EXIT = 60.0   # seconds without work before a provider's dispatcher stops
 SCAN_INTERVAL = 2.0           # how often the provider index is scanned for due work
-ACK_BATCH = 64                # acks are batched: one round trip per batch instead of per message
-ACK_DELAY = 0.005             # ... and flushed at least this often (seconds)
 CAP_RECHECK = 30.0            # a used-up hourly/daily cap is asked again after this long (a policy may have changed)
 
 
@@ -113,6 +115,8 @@ class DeliveryEngine:
                         self.wake(provider)
             except SpoolError as exc:
                 log.warning("provider scan failed: %s", exc)
+            except Exception as exc:  # the scan restarts dispatchers: it must outlive any defect
+                note_internal_error(self.metrics, Stage.SCAN, exc, provider="")
             await asyncio.sleep(SCAN_INTERVAL)
 
     async def stop(self, *, grace: float) -> None:
@@ -139,14 +143,12 @@ class DeliveryEngine:
             dispatcher.poke()
 
 
-class ProviderDispatcher:
+class ProviderDispatcher(ClaimedJobs):
+    engine: DeliveryEngine
+
     def __init__(self, engine: DeliveryEngine, provider: str) -> None:
-        self.engine = engine
-        self.provider = provider
-        self.pending: dict[tuple[NextHop, ...], deque[Job]] = {}
-        self.held: dict[str, Job] = {}            # every claimed job not yet finished, for lease renewal
+        super().__init__(engine, provider)
         self.connections: dict[tuple[NextHop, ...], set[asyncio.Task[None]]] = {}
-        self.acks: list[Job] = []
         self.done = False
         self.connection_backoff = 0.0       # local reflex state, see _reflex
         self.no_new_connections_until = 0.0
@@ -155,7 +157,6 @@ class ProviderDispatcher:
         self.paused_until = 0.0
         self.capped_until = 0.0             # monotonic: the hourly/daily cap is used up until then (or a recheck)
         self.cap_resets_at = 0.0
-        self._poke = asyncio.Event()
         self._work = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
         self._waiting_for_lease: set[asyncio.Task[Any]] = set()
@@ -166,9 +167,6 @@ class ProviderDispatcher:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._claim_loop()), loop.create_task(self._renew_loop()),
                        loop.create_task(self._ack_loop())]
-
-    def poke(self) -> None:
-        self._poke.set()
 
     @property
     def limits(self) -> Limits:
@@ -201,13 +199,6 @@ class ProviderDispatcher:
             await self._release(job)
         self.done = True
 
-    async def _release(self, job: Job) -> None:
-        self.held.pop(job.job_id, None)
-        try:
-            await self.engine.spool.release(job)
-        except SpoolError:
-            pass  # the lease expires on its own; nothing is lost
-
     # -- claiming ------------------------------------------------------------------------------------
 
     def _prefetch(self) -> int:
@@ -220,32 +211,22 @@ class ProviderDispatcher:
         idle_since = time.monotonic()
         try:
             while not engine.stopping:
-                room = self._prefetch() - len(self.held)
-                if self.suspended() or self.capped():
-                    room = 0  # suspended, or the day's (hour's) cap is used up: leave the mail in Redis
-                sleep_for = 1.0
-                if room > 0:
-                    try:
-                        claim = await engine.spool.claim(self.provider, limit=min(room, 100),
-                                                         visibility_ms=engine.settings.visibility_ms)
-                    except SpoolError as exc:
-                        log.warning("claim failed for %s: %s", self.provider, exc)
-                        await asyncio.sleep(1.0)
-                        continue
-                    for job in claim.jobs:
-                        self.held[job.job_id] = job
-                        await self._route(job)
-                    if claim.jobs:
-                        idle_since = time.monotonic()
-                        self._spawn_connections()
-                        continue
-                    if claim.next_due_ms is not None:
-                        sleep_for = min(1.0, max(0.001, (claim.next_due_ms - claim.now_ms) / 1000))
-                    elif not self.held and time.monotonic() - idle_since > DISPATCHER_IDLE_EXIT:
-                        break
-                else:
+                try:
+                    sleep_for, busy, may_exit = await self._claim_round()
+                except SpoolError as exc:
+                    log.warning("claim failed for %s: %s", self.provider, exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                except Exception as exc:  # a dispatcher that stops claiming strands its provider's mail
+                    note_internal_error(engine.metrics, Stage.CLAIM, exc, provider=self.provider)
+                    await asyncio.sleep(1.0)
+                    continue
+                if busy:
                     idle_since = time.monotonic()
-                self._spawn_connections()
+                elif may_exit and not self.held and time.monotonic() - idle_since > DISPATCHER_IDLE_EXIT:
+                    break
+                if sleep_for <= 0:
+                    continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._poke.wait(), timeout=sleep_for)
                 self._poke.clear()
@@ -256,28 +237,54 @@ class ProviderDispatcher:
                     for task in self._tasks[1:]:
                         task.cancel()
 
-    async def _route(self, job: Job) -> None:
+    async def _claim_round(self) -> tuple[float, bool, bool]:
+        """Claim what fits the window and route it: (seconds to wait before the next round, whether there was
+        work (jobs claimed, or the window full), whether nothing is due later either, so the dispatcher may
+        stop once idle long enough)."""
         engine = self.engine
-        token = queue_id_var.set(job.queue_id)
-        try:
-            provider = await engine.router.provider_for(job.domain)
-            if provider != self.provider:
-                self.held.pop(job.job_id, None)
-                await engine.spool.move(job, provider)
-                log.info("job moved to provider %s", provider, extra={"job": job.job_id})
-                engine.wake(provider)
+        room = self._prefetch() - len(self.held)
+        if self.suspended() or self.capped():
+            room = 0  # suspended, or the day's (hour's) cap is used up: leave the mail in Redis
+        if room <= 0:
+            self._spawn_connections()
+            return 1.0, True, False
+        claim = await engine.spool.claim(self.provider, limit=min(room, 100),
+                                         visibility_ms=engine.settings.visibility_ms)
+        # All held before any is routed: a claim is never outside `held`, where renewal and stop() find it.
+        self.held.update((job.job_id, job) for job in claim.jobs)
+        for job in claim.jobs:
+            await self._route(job)
+        self._spawn_connections()
+        if claim.jobs:
+            return 0.0, True, False
+        if claim.next_due_ms is not None:
+            return min(1.0, max(0.001, (claim.next_due_ms - claim.now_ms) / 1000)), False, False
+        return 1.0, False, True
+
+    async def _route(self, job: Job) -> None:
+        """Put a newly claimed job where it belongs: the queue of its next hops here, another provider's
+        spool queue, or finished (DNS says it cannot be delivered, or not now)."""
+        engine = self.engine
+        async with self._turn(job, Stage.ROUTE):
+            try:
+                provider = await engine.router.provider_for(job.domain)
+                if provider != self.provider:
+                    try:
+                        await engine.spool.move(job, provider)
+                    except SpoolError as exc:
+                        log.warning("could not move job: %s", exc)  # its lease runs out; it is routed again
+                        self.held.pop(job.job_id, None)
+                        return
+                    self.held.pop(job.job_id, None)
+                    log.info("job moved to provider %s", provider, extra={"job": job.job_id})
+                    engine.wake(provider)
+                    return
+                hops = tuple(await engine.router.next_hops(self.provider, job.domain))
+            except (DnsTemporaryError, DnsPermanentError) as exc:
+                reply = SmtpReply(exc.code, exc.enhanced, str(exc))
+                await self._finish(job, DeliveryReport(dict.fromkeys(job.recipients, reply), ""))
                 return
-            hops = tuple(await engine.router.next_hops(self.provider, job.domain))
-        except (DnsTemporaryError, DnsPermanentError) as exc:
-            reply = SmtpReply(exc.code, exc.enhanced, str(exc))
-            await self._finish(job, DeliveryReport(dict.fromkeys(job.recipients, reply), ""))
-            return
-        except SpoolError as exc:
-            log.warning("could not move job: %s", exc)
-            return
-        finally:
-            queue_id_var.reset(token)
-        self.pending.setdefault(hops, deque()).append(job)
+            self.pending.setdefault(hops, deque()).append(job)
         async with self._work:
             self._work.notify()
 
@@ -329,8 +336,10 @@ class ProviderDispatcher:
         task = asyncio.current_task()
         assert task is not None
         self._waiting_for_lease.add(task)
+        granted = False
         try:
             async with engine.limiter.connection(self.provider, limit=self.limits.max_connections) as lease:
+                granted = True
                 self._waiting_for_lease.discard(task)
                 engine.metrics.lease_wait(self.provider, time.monotonic() - started)
                 await self._use_connection(hops, lease)
@@ -338,53 +347,91 @@ class ProviderDispatcher:
             # Redis is away: the jobs stay queued here and are tried again (or released on shutdown).
             log.warning("%s", exc, extra={"provider": self.provider})
             await asyncio.sleep(1.0)
+        except Exception as exc:
+            queue = self.pending.get(hops)
+            if granted or not queue:
+                # Every job the connection took was placed by its turn: only giving the lease back failed
+                # (it expires on its own), or there is no job left to end.
+                note_internal_error(engine.metrics, Stage.LEASE, exc, provider=self.provider)
+            else:
+                # No lease, so no connection: the attempt at the next queued job ends here. A limiter that keeps
+                # failing thus ends jobs (deferred, bounced after the max age) instead of holding them for ever.
+                await self._end_in_error(queue.popleft(), Stage.LEASE, exc)
+            await asyncio.sleep(1.0)  # a limiter that fails at once must not make this a busy loop
         finally:
             self._waiting_for_lease.discard(task)
 
     async def _use_connection(self, hops: tuple[NextHop, ...], lease: Lease) -> None:
+        """Send queued jobs for ``hops`` over one connection, each in a turn of its own, until the queue stays
+        empty for ``idleTimeoutSeconds`` or the connection must close."""
+        session: OutboundSession | None = None
+        try:
+            job = await self._next_job(hops, wait=0)
+            while job is not None:
+                async with self._turn(job, Stage.PERMIT) as turn:
+                    if session is None:
+                        session = await self._open(turn, hops)
+                    more = session is not None and await self._send(turn, session, hops, lease)
+                if turn.failed:
+                    if session is not None:
+                        session.close()  # its state after an exception is unknown: not reused, not even for QUIT
+                    break
+                if not more:
+                    break
+                lease.idle = True
+                job = await self._next_job(hops, wait=self.limits.idle_timeout_seconds, lease=lease)
+                lease.idle = False
+        finally:
+            if session is not None:
+                await session.quit()
+
+    async def _open(self, turn: Turn, hops: tuple[NextHop, ...]) -> OutboundSession | None:
+        """Connect to the first of ``hops`` that greets us, for ``turn.job``, the connection's first job. None when
+        no connection may or could be made: the job is then queued again, or finished with the reason."""
         engine = self.engine
-        first = await self._next_job(hops, wait=0)
-        if first is None:
-            return
+        job = turn.job
         # A suspended provider, or one whose hourly or daily cap is used up (a warm-up day's volume sent),
         # must not see connections that send nothing: look before connecting. The permit itself is taken per
         # message, once connected, so a next hop that cannot be reached uses up none of the day's volume.
-        if not await self._permit(hops, first, before_connecting=True):
-            return
+        if not await self._permit(hops, job, before_connecting=True):
+            return None
+        turn.stage = Stage.CONNECT
         session = OutboundSession(helo_name=engine.settings.helo_name, resolver=engine.router.resolver,
                                   timeout=engine.settings.command_timeout, starttls=engine.settings.starttls)
         try:
             await session.open(hops)
         except GreetingRefused as exc:
             engine.metrics.connection_error(self.provider)
-            verdict = await self._finish(first, DeliveryReport({r: exc.reply for r in first.recipients}, exc.hop.host))
+            verdict = await self._finish(job, DeliveryReport({r: exc.reply for r in job.recipients}, exc.hop.host))
             self._reflex(verdict.deferral)
-            return
+            return None
         except DeliveryError as exc:
             engine.metrics.connection_error(self.provider)
             log.warning("%s", exc, extra={"provider": self.provider})
             reply = SmtpReply(451, "4.4.1", str(exc)[:400])
-            await self._finish(first, DeliveryReport({r: reply for r in first.recipients}, ""))
-            return
-        job: Job | None = first
-        try:
-            while job is not None:
-                if not await self._permit(hops, job):
-                    break   # suspended, or the cap is used up: the job is queued again, the connection closes
-                report = await self._attempt(session, job)
-                verdict = await self._finish(job, report)
-                self._reflex(verdict.deferral if verdict.deferred else None, delivered=bool(verdict.delivered))
-                if verdict.deferral is DeferralClass.CONNECTIONS:
-                    break  # the provider says we have too many connections: this one goes first
-                if not session.usable or session.messages >= self.limits.max_messages_per_connection:
-                    break
-                if lease.must_close:
-                    break  # surplus to a lowered limit, or the lease expired: close now, between messages
-                lease.idle = True
-                job = await self._next_job(hops, wait=self.limits.idle_timeout_seconds, lease=lease)
-                lease.idle = False
-        finally:
-            await session.quit()
+            await self._finish(job, DeliveryReport({r: reply for r in job.recipients}, ""))
+            return None
+        except BaseException:
+            session.close()  # whatever it got as far as connecting
+            raise
+        return session
+
+    async def _send(self, turn: Turn, session: OutboundSession, hops: tuple[NextHop, ...], lease: Lease) -> bool:
+        """Deliver ``turn.job`` over ``session``; whether the connection may carry another message."""
+        job = turn.job
+        turn.stage = Stage.PERMIT
+        if not await self._permit(hops, job):
+            return False   # suspended, or the cap is used up: the job is queued again, the connection closes
+        turn.stage = Stage.DELIVER
+        report = await self._attempt(session, job)
+        turn.stage = Stage.RECORD
+        verdict = await self._finish(job, report)
+        self._reflex(verdict.deferral if verdict.deferred else None, delivered=bool(verdict.delivered))
+        if verdict.deferral is DeferralClass.CONNECTIONS:
+            return False  # the provider says we have too many connections: this one goes first
+        if not session.usable or session.messages >= self.limits.max_messages_per_connection:
+            return False
+        return not lease.must_close  # surplus to a lowered limit, or the lease expired: close between messages
 
     # -- permits and caps ----------------------------------------------------------------------------
 
@@ -493,113 +540,3 @@ class ProviderDispatcher:
         finally:
             queue_id_var.reset(token)
 
-    # -- outcomes ------------------------------------------------------------------------------------
-
-    async def _finish(self, job: Job, report: DeliveryReport) -> Verdict:
-        engine = self.engine
-        token = queue_id_var.set(job.queue_id)
-        try:
-            age = time.time() - job.created_ms / 1000
-            verdict = judge(report.replies, attempts=job.attempts, age=age, schedule=engine.book.retry(self.provider),
-                            rules=engine.book.rules(self.provider),
-                            rand=engine.random())
-            metrics = engine.metrics
-            for rcpt in verdict.delivered:
-                metrics.delivered(self.provider)
-                log.info("delivered", extra={"rcpt": rcpt, "remote": report.remote,
-                                             "reply": str(report.replies[rcpt])})
-            for rcpt, reply in verdict.failed:
-                metrics.failed(self.provider)
-                log.warning("failed permanently", extra={"rcpt": rcpt, "reply": str(reply)})
-            if verdict.suspend_for:
-                reply_text = str(verdict.deferred[0][1]) if verdict.deferred else ""
-                try:
-                    await engine.limiter.suspend(self.provider, seconds=verdict.suspend_for,
-                                                 reason=f"Suspend rule: {reply_text}")
-                    log.warning("provider suspended", extra={"provider": self.provider, "seconds": verdict.suspend_for,
-                                                             "reply": reply_text})
-                except LimiterUnavailable as exc:
-                    log.warning("%s", exc)
-            for rcpt, reply in verdict.deferred:
-                metrics.deferred(self.provider, verdict.deferral or DeferralClass.OTHER)
-                log.info("deferred", extra={"rcpt": rcpt, "reply": str(reply),
-                                            "retry_in": round(verdict.retry_delay, 1)})
-            try:
-                if verdict.failed:
-                    await self._notify_sender(job, verdict.failed, report.remote, expired=verdict.expired)
-                if verdict.deferred:
-                    ok = await engine.spool.defer(
-                        job, delay_ms=int(verdict.retry_delay * 1000), attempts=job.attempts + 1,
-                        last_reply=str(verdict.deferred[0][1]), recipients=[r for r, _ in verdict.deferred])
-                    if not ok:
-                        log.warning("lost the claim before deferring; another worker owns the job now")
-                    self.held.pop(job.job_id, None)
-                else:
-                    self.acks.append(job)
-                    if len(self.acks) >= ACK_BATCH:
-                        await self._flush_acks()
-            except SpoolError as exc:
-                # Nothing is lost: the claim lease expires and the job is attempted again.
-                log.error("could not record the outcome: %s", exc)
-                self.held.pop(job.job_id, None)
-            return verdict
-        finally:
-            queue_id_var.reset(token)
-
-    async def _notify_sender(self, job: Job, failed: list[tuple[str, SmtpReply]], remote: str, *,
-                             expired: bool) -> None:
-        if job.dsn or not should_notify(job.sender):
-            return
-        engine = self.engine
-        failures = [RecipientFailure(recipient=rcpt, status=_dsn_status(reply, expired=expired),
-                                     remote_mta=remote or None, diagnostic=str(reply))
-                    for rcpt, reply in failed]
-        now = time.time()
-        body = build_dsn(reporting_mta=engine.settings.helo_name, sender=job.sender, queue_id=job.queue_id,
-                         arrival=datetime.fromtimestamp(job.created_ms / 1000, UTC),
-                         now=datetime.fromtimestamp(now, UTC), failures=failures, original=job.body)
-        domain = job.sender.rpartition("@")[2].lower()
-        provider = await engine.router.provider_for(domain)
-        await engine.spool.enqueue([NewJob(provider=provider, job_id=f"{job.job_id}.dsn{job.attempts}",
-                                           queue_id=job.queue_id, sender="", recipients=[job.sender],
-                                           domain=domain, body=body, dsn=True)])
-        log.info("delivery status notification queued", extra={"to": job.sender, "provider": provider})
-
-    async def _flush_acks(self) -> None:
-        if not self.acks:
-            return
-        batch = list(self.acks)
-        try:
-            await self.engine.spool.ack(self.provider, batch)
-        except SpoolError as exc:
-            log.error("ack failed (the jobs will be delivered again after their lease): %s", exc)
-        # Only now: if we were cancelled mid-ack the batch stays and is acked again (acks are idempotent).
-        del self.acks[:len(batch)]
-        for job in batch:
-            self.held.pop(job.job_id, None)
-        self.poke()
-
-    async def _ack_loop(self) -> None:
-        while True:
-            await asyncio.sleep(ACK_DELAY)
-            await self._flush_acks()
-
-    async def _renew_loop(self) -> None:
-        visibility = self.engine.settings.visibility_ms
-        while True:
-            await asyncio.sleep(visibility / 3000)
-            if self.held:
-                try:
-                    await self.engine.spool.extend(self.provider, list(self.held.values()), visibility_ms=visibility)
-                except SpoolError as exc:
-                    log.warning("lease renewal failed: %s", exc)
-
-
-
-def _dsn_status(reply: SmtpReply, *, expired: bool) -> str:
-    """The DSN status of a failed recipient: its own enhanced code, or 5.4.7 when it ran out of time."""
-    if expired:
-        return "5" + EXPIRED_STATUS[1:]
-    if reply.enhanced and reply.enhanced[0] == "5":
-        return reply.enhanced
-    return f"{reply.code // 100}.0.0"

@@ -10,6 +10,11 @@ A policy's ``spec.responses`` rules are tried first, in order, on every reply th
 ordinary deferral, ``Bounce`` a permanent failure, and ``Suspend`` a deferral that also suspends the
 provider for the rule's duration (``Verdict.suspend_for``). Replies no rule matches are classified by
 the built-in table (``replies.classify``).
+
+``judge_plainly`` is the verdict when ``judge`` itself cannot be applied (a provider's retry schedule
+that raises: a policy the validator should have refused, or a defect of ours): the basic reply code
+alone decides, with a fixed backoff and the built-in queue lifetime. It calls nothing that could raise,
+so a delivered message is still acknowledged and a refused one still bounced.
 """
 
 from __future__ import annotations
@@ -23,6 +28,14 @@ from mxgate.egress.retry import RetrySchedule, is_expired, next_delay
 from mxgate.policy import ResponseRule, parse_duration
 
 EXPIRED_STATUS = "4.4.7"
+
+PLAIN_FIRST_DELAY = 300.0
+"""``judge_plainly``: seconds before the first retry (Postfix's ``minimal_backoff_time``); doubled per
+deferral up to ``PLAIN_MAX_DELAY``."""
+PLAIN_MAX_DELAY = 3600.0
+"""``judge_plainly``: the longest wait between retries (the built-in ``RetrySchedule.max_delay``)."""
+PLAIN_MAX_AGE = 5 * 86400.0
+"""``judge_plainly``: the queue lifetime (the built-in ``RetrySchedule.max_age``)."""
 
 
 @dataclass(slots=True)
@@ -91,4 +104,29 @@ def judge(replies: dict[str, SmtpReply], *, attempts: int, age: float, schedule:
             verdict.deferred = []
         else:
             verdict.retry_delay = next_delay(schedule, attempts=attempts + 1, deferral=verdict.deferral, rand=rand)
+    return verdict
+
+
+def judge_plainly(replies: dict[str, SmtpReply], *, attempts: int, age: float, rand: float) -> Verdict:
+    """The verdict by the basic reply code alone (2xx delivered, 5xx failed, anything else deferred), for when
+    ``judge`` raised. No policy rule, no retry schedule: ``PLAIN_FIRST_DELAY`` doubling to ``PLAIN_MAX_DELAY``
+    with +-20 % jitter, and deferred recipients fail once ``age`` reaches ``PLAIN_MAX_AGE``."""
+    verdict = Verdict()
+    for rcpt, reply in replies.items():
+        if 200 <= reply.code < 300:
+            verdict.delivered.append(rcpt)
+        elif 500 <= reply.code < 600:
+            verdict.failed.append((rcpt, reply))
+        else:
+            verdict.deferred.append((rcpt, reply))
+    if verdict.deferred:
+        if age >= PLAIN_MAX_AGE:  # a NaN age compares False: retried, never dropped
+            verdict.expired = True
+            verdict.failed += verdict.deferred
+            verdict.deferred = []
+        else:
+            verdict.deferral = DeferralClass.OTHER
+            base = min(PLAIN_MAX_DELAY, PLAIN_FIRST_DELAY * 2 ** min(max(attempts, 0), 16))
+            draw = rand if 0.0 <= rand < 1.0 else 0.5  # also a NaN
+            verdict.retry_delay = base * (1 + 0.2 * (2 * draw - 1))
     return verdict

@@ -9,6 +9,10 @@ session reconnects in plain text rather than deferring the mail.
 
 A refusal in the greeting (``421 4.7.652 ... maximum number of connections``) is not a broken next hop
 but a throttling signal: it surfaces as ``GreetingRefused`` carrying the reply for classification.
+
+An address no command line can carry (``mxgate.envelope.unsendable``: a job spooled before ingress
+refused such paths) is never handed to aiosmtplib, which would raise: ``deliver`` answers it itself with
+a permanent ``553 5.1.7`` (the sender: every recipient fails) or ``553 5.1.3`` (that recipient only).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import aiosmtplib
 from aiosmtplib import SMTPResponseException, SMTPServerDisconnected, SMTPTimeoutError
 
 from mxgate.egress.replies import SmtpReply
+from mxgate.envelope import unsendable
 from mxgate.errors import DeliveryError
 from mxgate.routing.dns import MxResolver
 from mxgate.routing.router import NextHop
@@ -140,7 +145,19 @@ class OutboundSession:
         assert self.smtp is not None and self.hop is not None
         smtp = self.smtp
         remote = self.hop.host
+        problem = unsendable(job.sender)
+        if problem is not None:
+            refused = SmtpReply(553, "5.1.7", f"the sender address cannot be sent to any next hop: {problem}")
+            return DeliveryReport(dict.fromkeys(job.recipients, refused), "")
         replies: dict[str, SmtpReply] = {}
+        for rcpt in job.recipients:
+            problem = unsendable(rcpt)
+            if problem is not None:
+                replies[rcpt] = SmtpReply(553, "5.1.3",
+                                          f"the recipient address cannot be sent to any next hop: {problem}")
+        sendable = [rcpt for rcpt in job.recipients if rcpt not in replies]
+        if not sendable:
+            return DeliveryReport(replies, "")
         self.messages += 1
         try:
             mail_args = [b"FROM:<" + job.sender.encode("utf-8", "surrogateescape") + b">"]
@@ -152,9 +169,9 @@ class OutboundSession:
             if response.code != 250:
                 reply = SmtpReply.parse(response.code, response.message)
                 await self._reset()
-                return DeliveryReport({r: reply for r in job.recipients}, remote)
+                return DeliveryReport({r: replies.get(r, reply) for r in job.recipients}, remote)
             accepted = []
-            for rcpt in job.recipients:
+            for rcpt in sendable:
                 response = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode("utf-8", "surrogateescape") + b">")
                 replies[rcpt] = SmtpReply.parse(response.code, response.message)
                 if 200 <= response.code < 300:

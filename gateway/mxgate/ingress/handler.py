@@ -4,6 +4,10 @@ Relay is allowed only to authenticated clients and to clients inside ``allowed_n
 else gets ``530 5.7.0`` (when AUTH is on offer) or ``554 5.7.1``. A message is answered
 ``250 2.0.0 Ok: queued as <ID>`` only after every one of its jobs (one per recipient domain) is stored
 in Redis; if Redis is unreachable the answer is ``451 4.3.0`` and the client keeps the message.
+
+A path delivery could never send (control characters, octets that are not UTF-8, longer than RFC 5321
+allows: ``mxgate.envelope``) is refused at MAIL (``501 5.1.7``) or RCPT (``501 5.1.3``) with the reason,
+before the address syntax is looked at.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from email.utils import formatdate
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from mxgate.envelope import path_problem
 from mxgate.errors import SpoolError
 from mxgate.routing.router import Router
 from mxgate.spool.store import NewJob, Spool, new_queue_id
@@ -104,8 +109,12 @@ class IngressHandler:
             return "554 5.7.1 Relay access denied: client not in allowed networks"
         # The null reverse-path (bounces) arrives as "<>" and stays so in the envelope: aiosmtpd answers RCPT
         # with "503 need MAIL" while mail_from is falsy. It becomes "" in the spooled job (handle_DATA).
-        if address != "<>" and recipient_domain(address) is None:
-            return "501 5.1.7 Bad sender address syntax"
+        if address != "<>":
+            problem = path_problem(address)
+            if problem is not None:
+                return f"501 5.1.7 Bad sender address: {problem}"
+            if recipient_domain(address) is None:
+                return "501 5.1.7 Bad sender address syntax"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
@@ -114,6 +123,9 @@ class IngressHandler:
                           rcpt_options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= self.policy.max_recipients:
             return "452 4.5.3 Error: too many recipients"
+        problem = path_problem(address)
+        if problem is not None:
+            return f"501 5.1.3 Bad recipient address: {problem}"
         if recipient_domain(address) is None:
             return "501 5.1.3 Bad recipient address syntax"
         envelope.rcpt_tos.append(address)

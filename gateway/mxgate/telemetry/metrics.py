@@ -101,6 +101,8 @@ class Metrics:
             ("mxgate_connection_errors", "Outbound connections that failed or were refused in the greeting"),
             ("mxgate_local_reflex", "Local reactions to throttling replies: connections (no new connections "
                                     "for a while) or rate (pause)"),
+            ("mxgate_internal_errors", "Exceptions (ours or a library's, not a remote reply) that ended a "
+                                       "delivery step, by stage (egress.claimed.Stage: a fixed set)"),
         ]:
             counts = _COUNTS[name] = _Counts()
             meter.create_observable_counter(name, callbacks=[counts.observe], description=description)
@@ -141,6 +143,10 @@ class Metrics:
         # Once per connection, not per message: a real histogram is affordable here.
         self._lease_wait.record(seconds, {"provider": provider})
         self.recorder.count(provider, "lease_wait_ms", int(seconds * 1000))
+
+    def internal_error(self, stage: str) -> None:
+        # No provider label: one series per stage, however many providers fail.
+        self._add("mxgate_internal_errors", (("stage", stage),))
 
     def reflex(self, provider: str, kind: str) -> None:
         self._add("mxgate_local_reflex", (("kind", kind), ("provider", provider)))
