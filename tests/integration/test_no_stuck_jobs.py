@@ -36,6 +36,7 @@ from mxgate.embedded_redis import EmbeddedRedis
 from mxgate.limits.fleet import FleetLimiter
 from mxgate.policy import ProviderPolicy, Retry
 from mxgate.policybook import PolicyBook
+from mxgate.redisconn import RedisConnection
 from mxgate.routing.router import Router
 from mxgate.spool.store import NewJob, Spool, new_queue_id
 from mxgate.telemetry.logs import JsonFormatter
@@ -358,12 +359,12 @@ async def test_the_provider_scan_outlives_a_failure(
 # -- jobs spooled before ingress refused what egress cannot send ----------------------------------------
 
 async def test_poison_jobs_end_and_do_not_stop_later_mail_to_their_provider(
-        redis_server: EmbeddedRedis, redis_client: aioredis.Redis) -> None:
+        redis_server: EmbeddedRedis, redis_client: aioredis.Redis, redis_connection: RedisConnection) -> None:
     # Jobs an older gateway accepted with 250: NUL in the sender or a recipient (aiosmtplib raised
     # ValueError), and senders over 256 octets whose recipient is refused (the DSN builder raised). 25 of
     # them are more than the provider's claim window (4 with maxConnections 2); then, as after a restart,
     # a gateway starts on that spool.
-    spool = Spool(redis_client)
+    spool = Spool(redis_connection)
     long_sender = "x" * 290 + "@example.com"
     poison = ([("a\x00b@example.com", [RCPT])] * 10 + [(SENDER, ["u\x00v@outlook.test", GONE])] * 10
               + [(long_sender, [GONE])] * 5)
