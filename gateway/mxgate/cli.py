@@ -343,7 +343,7 @@ async def _status(args: argparse.Namespace) -> None:
         try:
             await connection.initialize()
         except SpoolError as exc:
-            raise ConfigError(str(exc)) from exc
+            raise ConfigError(f"cannot read status from Redis at {target.redacted}: {exc.__cause__ or exc}") from exc
         while True:
             try:
                 rows = await collect(redis, window=args.window)

@@ -289,11 +289,13 @@ class RedisConnection:
         cls = CountingUnixConnection if target.url.startswith("unix://") else \
             CountingSSLConnection if target.tls else CountingConnection
         url = url_with_password(target.url, target.password) if target.password else target.url
+        # The retry goes to the pool's connections: redis-py retries with the connection's Retry, and a client
+        # built on a pool ignores its own.
         pool = aioredis.ConnectionPool.from_url(
-            url, connection_class=cls, max_connections=max_connections,
+            url, connection_class=cls, max_connections=max_connections, retry=self._retry,
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
             **{k: v for k, v in self._common.items() if k not in ("username", "password")})
-        return aioredis.Redis(connection_pool=pool, retry=self._retry,
-                              retry_on_error=[RedisConnectionError, RedisTimeoutError])
+        return aioredis.Redis(connection_pool=pool)
 
     def _sentinel_client(self, target: RedisTarget, *, max_connections: int) -> aioredis.Redis:
         sentinel_kwargs = {k: v for k, v in self._common.items() if k != "health_check_interval"}
@@ -401,7 +403,9 @@ class RedisConnection:
     async def _durable_with_retries(self, node: tuple[str, int], client: aioredis.Redis,
                                     calls: Sequence[ScriptCall], *, wait: bool) -> Durable:
         last: BaseException | None = None
-        for attempt in range(3):
+        # A single server or Sentinel: redis-py's connection retry already reconnected (to the new primary).
+        # A cluster: a failover moves slots to another node, which only asking again finds.
+        for attempt in range(3 if isinstance(self.client, RedisCluster) else 1):
             try:
                 if attempt and isinstance(self.client, RedisCluster):
                     # The slot may have moved (a failover): ask again which node serves it.
