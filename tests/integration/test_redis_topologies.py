@@ -248,6 +248,10 @@ async def test_cluster_fails_over_after_kill9(cluster_set: ClusterSet) -> None:
     assert await cluster.zrange(key, 0, -1) == ["job-1", "job-2"]
     await cluster.aclose()
 
+    primary.restart()  # same port and nodes.conf: it rejoins as the replica of the one that replaced it
+    await eventually(lambda: primary.info("replication")["role"] == "slave" and c.replica_of(replica) is primary,
+                     timeout=15, what=f"{primary.name} to rejoin as a replica")
+
 
 async def test_cluster_shards_and_wait_on_a_stopped_replica(redis_topologies: RedisProcesses) -> None:
     c = redis_topologies.cluster_set(password=PASSWORD)
