@@ -525,9 +525,16 @@ def test_replicated_redis_has_a_primary_two_replicas_and_three_sentinels(replica
                  'echo "sentinel announce-ip $REDIS_SELF"',
                  'echo "sentinel down-after-milliseconds mxgate 10000"',
                  'echo "sentinel failover-timeout mxgate 60000"', 'echo "sentinel parallel-syncs mxgate 1"',
-                 "primary=$(find_primary)"):
+                 'echo "sentinel config-epoch mxgate $epoch"'):
         assert line in lines, line
-    assert "sentinel get-master-addr-by-name mxgate" in data["common.sh"]
+    assert "sentinel master mxgate" in data["common.sh"]
+    # Each pod remembers the last primary its sentinel knew, next to the data, so it outlives the pod as the data
+    # does: the sentinel (whose probe writes it) mounts the data volume where the Redis container does.
+    assert "MEMORY=$REDIS_DATA_DIR/last-primary" in data["common.sh"]
+    assert 'mv -f "$MEMORY.tmp" "$MEMORY"' in data["ready.sh"]
+    for c in (redis, sentinel):
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert mounts[env_of(c)["REDIS_DATA_DIR"]] == "data"
 
     # Spread over nodes when possible; drained one at a time.
     [term] = pod_spec(statefulset)["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
