@@ -251,7 +251,7 @@ async def _dev(args: argparse.Namespace) -> None:
 
     from mxgate.app import Gateway
     from mxgate.embedded_redis import EmbeddedRedis
-    from mxgate.policy import load_policy_dir
+    from mxgate.policy_files import load_policy_dir
     from mxgate.tasks import cancel_and_wait
     from mxgate_operator.filemode import FileController
 
@@ -360,7 +360,7 @@ def _passwd(args: argparse.Namespace) -> None:
 
 def _policy_validate(args: argparse.Namespace) -> int:
     from mxgate.errors import PolicyError
-    from mxgate.policy import load_policy_file
+    from mxgate.policy_files import load_policy_file
 
     status = 0
     for path in args.files:

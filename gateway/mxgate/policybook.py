@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from mxgate import keys
+from mxgate.duration import parse_duration
 from mxgate.egress.outcome import CompiledRule, compile_rules
 from mxgate.egress.retry import RetrySchedule
 from mxgate.limits.effective import Effective
@@ -37,7 +38,6 @@ from mxgate.policy import (
     ResponseRule,
     Retry,
     Warmup,
-    parse_duration,
 )
 
 log = logging.getLogger("mxgate.policybook")

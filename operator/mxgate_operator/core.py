@@ -53,7 +53,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from mxgate.policy import Adaptive, Limits, parse_duration
+from mxgate.duration import parse_duration
+from mxgate.policy import Adaptive, Limits
 
 MAX_STRIKES = 6
 MIN_RATE_CUT = 0.25   # one window never cuts the rate below a quarter

@@ -17,7 +17,8 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from mxgate.errors import PolicyError
-from mxgate.policy import ProviderPolicy, load_policy_dir
+from mxgate.policy import ProviderPolicy
+from mxgate.policy_files import load_policy_dir
 from mxgate_operator.adaptive import AdaptiveLoop
 from mxgate_operator.publish import publish_policies
 

@@ -19,7 +19,8 @@ import yaml
 from kubernetes.client import ApiException, CustomObjectsApi
 from pydantic import ValidationError
 
-from mxgate.policy import API_VERSION, KIND, ProviderPolicy, ProviderPolicySpec, load_policy_file
+from mxgate.policy import API_VERSION, KIND, ProviderPolicy, ProviderPolicySpec
+from mxgate.policy_files import load_policy_file
 from mxgate_operator.crd import GROUP, PLURAL, VERSION, crd
 from support.kubeapi import REPO_ROOT, KubeAPI
 
@@ -134,9 +135,9 @@ SCHEMA_REFUSALS = [
     pytest.param({"limits": {"maxConnections": "ten"}},
                  ["spec.limits.maxConnections", "must be of type integer"], id="string-for-integer"),
     pytest.param({"limits": {"messagesPerSecond": 0}},
-                 ["spec.limits.messagesPerSecond", "should be greater than 0"], id="zero-rate"),
+                 ["spec.limits.messagesPerSecond", "should be greater than or equal to 0.01"], id="zero-rate"),
     pytest.param({"limits": {"burst": -5}},
-                 ["spec.limits.burst", "should be greater than or equal to 0"], id="negative-burst"),
+                 ["spec.limits.burst", "should be greater than or equal to 1"], id="negative-burst"),
     pytest.param({"limits": {"idleTimeoutSeconds": -1.5}},
                  ["spec.limits.idleTimeoutSeconds", "should be greater than 0"], id="negative-idle-timeout"),
     pytest.param({"adaptive": {"decreaseFactor": 1}},

@@ -47,7 +47,8 @@ def test_structural_schema_shape() -> None:
     assert spec["properties"]["adaptive"]["default"] == {}          # nested defaults apply
     assert spec["properties"]["limits"]["properties"]["maxConnections"]["default"] == 10
     assert {r["fieldPath"] for r in spec["x-kubernetes-validations"]} == {
-        ".adaptive.floor.connections", ".adaptive.floor.messagesPerSecond", ".warmup.schedule"}
+        ".adaptive.floor.connections", ".adaptive.floor.messagesPerSecond", ".warmup.schedule", ".retry.maxDelay",
+        ".retry.throttledMaxDelay"}
     rule_fields = [r["fieldPath"] for r in spec["properties"]["responses"]["items"]["x-kubernetes-validations"]]
     assert rule_fields == [".duration"]        # on the item: the error names spec.responses[i].duration
     warmup = spec["properties"]["warmup"]
