@@ -275,13 +275,28 @@ async def _dev(args: argparse.Namespace) -> None:
         print(f"mxgate dev: SMTP on {host}:{gateway.port}, Redis at {redis_server.url} "
               f"(data in {args.data_dir}), policies from {args.policies}, health and metrics on {metrics}. "
               "Ctrl-C stops.", file=sys.stderr, flush=True)
-        await run_task
+        await serve_with_controller(run_task, control_task, stop)
     finally:
         # Also when the gateway failed to start (port in use): the controller loop must not outlive it.
         if control_task is not None:
             await cancel_and_wait([control_task], timeout=5.0)
         await redis.aclose()
         redis_server.stop()
+
+
+async def serve_with_controller(run_task: asyncio.Task[None], control_task: asyncio.Task[None],
+                                stop: asyncio.Event) -> None:
+    """Wait for the gateway (``run_task``); should the in-process controller end first, stop the gateway
+    and fail. Its loop never ends on its own: a gateway without it would serve stale policies and limits
+    unnoticed, so ``mxgate dev`` stops, loudly."""
+    await asyncio.wait([run_task, control_task], return_when=asyncio.FIRST_COMPLETED)
+    if control_task.done() and not run_task.done():
+        failure = None if control_task.cancelled() else control_task.exception()
+        log.critical("the in-process controller stopped (%r); stopping mxgate dev", failure, exc_info=failure)
+        stop.set()
+        await run_task
+        raise MxgateError(f"the in-process controller stopped: {failure!r}")
+    await run_task
 
 
 async def _until_signal(coro: Coroutine[Any, Any, None]) -> None:
