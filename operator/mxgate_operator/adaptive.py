@@ -31,7 +31,7 @@ from typing import cast
 import redis.asyncio as aioredis
 
 from mxgate import keys
-from mxgate.limits.effective import Effective
+from mxgate.limits.effective import Effective, rate_text
 from mxgate.policy import DEFAULT_POLICY_NAME, ProviderPolicy
 from mxgate.telemetry.fleet import read_window
 from mxgate_operator.core import Adjustment, ControlState, Decision, Window, decide, moves_between, window_seconds
@@ -72,10 +72,10 @@ def _state_to_redis(state: ControlState, reason: str) -> dict[str, str]:
     del effective["suspendedUntil"]
     return {**effective, "calm": str(state.calm),
             "connectionsBad": "" if state.connections_bad is None else str(state.connections_bad),
-            "rateBad": "" if state.rate_bad is None else f"{state.rate_bad:g}",
+            "rateBad": "" if state.rate_bad is None else rate_text(state.rate_bad),
             "connectionStrikes": str(state.connection_strikes), "rateStrikes": str(state.rate_strikes),
             "connectionsGood": "" if state.connections_good is None else str(state.connections_good),
-            "rateGood": "" if state.rate_good is None else f"{state.rate_good:g}"}
+            "rateGood": "" if state.rate_good is None else rate_text(state.rate_good)}
 
 
 def relaxes(move: Adjustment) -> bool:
