@@ -50,9 +50,10 @@ _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
 class _Model(BaseModel):
+    # allow_inf_nan=False: a NaN would otherwise be refused as "should be less than or equal to ...".
     model_config = ConfigDict(
-        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True, str_strip_whitespace=True
-    )
+        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True, str_strip_whitespace=True,
+        allow_inf_nan=False)
 
 
 class Match(_Model):

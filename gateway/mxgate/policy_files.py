@@ -154,12 +154,15 @@ def load_policy_file(path: Path) -> list[ProviderPolicy]:
     found = [(index, document) for index, document in enumerate(documents) if document is not None]
     if not found:
         raise PolicyError(f"{path}: no ProviderPolicy in the file (it is empty or holds only comments)")
-    policies = []
+    policies: list[ProviderPolicy] = []
     for index, document in found:
         source = f"{path}" if len(found) == 1 else f"{path}[{index}]"
         if not isinstance(document, dict):
             raise PolicyError(f"{source}: expected a ProviderPolicy mapping, got {type(document).__name__}")
-        policies.append(parse_policy(document, source=source))
+        policy = parse_policy(document, source=source)
+        if any(p.name == policy.name for p in policies):   # as load_policy_dir refuses it across files
+            raise PolicyError(f"{source}: policy {policy.name!r} is defined twice in the file")
+        policies.append(policy)
     return policies
 
 
