@@ -153,6 +153,12 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         node["enum"] = [node.pop("const")]
     if "x-duration-range" in node:   # mxgate.duration.DurationRange: the bounds become a CEL rule
         node["x-kubernetes-validations"] = [_duration_range_rule(*node.pop("x-duration-range"))]
+    minimum = node.get("minimum")
+    if node.get("type") == "number" and minimum is not None and minimum != int(minimum):
+        # The API server checks an integer against a fractional minimum as if the minimum were an integer
+        # too (0 passes "minimum: 0.01"); CEL compares numbers as doubles.
+        node["x-kubernetes-validations"] = [{"rule": f"self >= {minimum!r}",
+                                             "message": f"should be greater than or equal to {minimum!r}"}]
     if description:
         node["description"] = description
     if node.get("type") == "object" and "properties" in node:

@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from mxgate.duration import DURATION_PATTERN, MAX_DURATION_LENGTH
 from mxgate_operator.crd import crd, render
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,3 +56,34 @@ def test_structural_schema_shape() -> None:
     assert "default" not in warmup and warmup["required"] == ["startDate", "schedule"]   # absent: no ramp
     assert warmup["properties"]["startDate"] == {
         "description": warmup["properties"]["startDate"]["description"], "format": "date", "type": "string"}
+
+
+def test_the_helm_charts_copy_is_the_same_file() -> None:
+    # tests/cluster/test_chart.py checks it too; this one runs without the cluster binaries.
+    chart_copy = ROOT / "deploy" / "helm" / "mxgate" / "crds" / CRD_FILE.name
+    assert chart_copy.read_text() == CRD_FILE.read_text(), f"cp {CRD_FILE.relative_to(ROOT)} {chart_copy.parent}/"
+
+
+def test_every_duration_field_has_the_models_syntax_and_bounds() -> None:
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    durations = {path: prop for path, prop in _fields(schema, "spec") if prop.get("pattern") == DURATION_PATTERN}
+    assert set(durations) == {"spec.retry.initialDelay", "spec.retry.maxDelay", "spec.retry.throttledDelay",
+                              "spec.retry.throttledMaxDelay", "spec.retry.maxAge", "spec.adaptive.evaluationWindow",
+                              "spec.responses[].duration"}
+    for path, prop in durations.items():
+        assert prop["type"] == "string" and prop["maxLength"] == MAX_DURATION_LENGTH
+        (rule,) = prop["x-kubernetes-validations"]
+        assert rule["message"].startswith("out of range: must be from "), path
+        assert rule["message"].split("must be ")[1] in prop["description"].lower(), path   # the docs say the bounds
+
+
+def test_fractional_minimums_are_cel_rules_too() -> None:
+    # The API server checks an integer against "minimum: 0.01" as if it were 0 (measured on v1.37).
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    fractional = {path: prop for path, prop in _fields(schema, "spec")
+                  if prop.get("type") == "number" and prop.get("minimum", 0) != int(prop.get("minimum", 0))}
+    assert set(fractional) == {"spec.limits.messagesPerSecond", "spec.adaptive.floor.messagesPerSecond",
+                               "spec.adaptive.increaseStep.messagesPerSecond"}
+    for prop in fractional.values():
+        assert prop["x-kubernetes-validations"] == [{"rule": "self >= 0.01",
+                                                     "message": "should be greater than or equal to 0.01"}]
