@@ -339,7 +339,7 @@ class ResponseRule(_Model):
             raise ValueError(f"not a usable regular expression: groups nested deeper than {MAX_MATCH_NESTING}")
         try:
             re.compile(value, REPLY_MATCH_FLAGS)
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:   # OverflowError: a{4294967296}
             raise ValueError(f"not a valid regular expression: {exc}") from exc
         return value
 

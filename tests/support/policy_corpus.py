@@ -99,6 +99,8 @@ REFUSALS: dict[str, Refusal] = {
                                                      "equal to 1000000000"),
     "regex-too-deep.yaml": Refusal("python", "not a usable regular expression: groups nested deeper than 50"),
     "regex-invalid.yaml": Refusal("python", "not a valid regular expression"),
+    "regex-repetition-overflow.yaml": Refusal("python", "not a valid regular expression: the repetition number "
+                                                        "is too large"),
 }
 
 

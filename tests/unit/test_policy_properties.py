@@ -66,7 +66,8 @@ def numbers_wide(low: float, high: float, *, integer: bool) -> st.SearchStrategy
 
 
 _REPLY_RULES = [r"\[TSS04\]", r"4\.7\.65[02]", "blocked", "rate", ".*", "^$", "(?:x|y)+", "a{0,1000}",
-                "(" * 50 + "x" + ")" * 50, "(" * 51 + ")" * 51, "(" * 512 + ")" * 512, "[", "(?P<x", "*"]
+                "(" * 50 + "x" + ")" * 50, "(" * 51 + ")" * 51, "(" * 512 + ")" * 512, "[", "(?P<x", "*",
+                "a{4294967296}"]
 
 def rules_wide() -> st.SearchStrategy[list[dict[str, Any]]]:
     action = st.sampled_from(["TightenConnections", "TightenRate", "Suspend", "Bounce", "Retry", "Drop"])
