@@ -2,9 +2,10 @@
 
 The syntax is Go's ``time.ParseDuration``, the way Kubernetes objects write durations: one or more
 ``<number><unit>`` parts, ``500ms``, ``30s``, ``1m30s``, ``2h45m``, ``1.5h``, ``.5s``; units ``ns``,
-``us``, ``ms``, ``s``, ``m``, ``h``; parts add up, in any order. One extension: whole days first, ``5d``
-or ``1d12h``, because a queue lifetime reads best in days and policies always could. Not accepted: a
-sign, spaces, fractional days (write ``36h``), Go's ``µs`` spelling (write ``us``: the pattern stays
+``us``, ``ms``, ``s``, ``m``, ``h``; parts add up, in any order. One extension: days, first, ``5d``,
+``1.5d`` or ``1d12h``, because a queue lifetime reads best in days and policies always could write them
+(a day's fraction has at most ``MAX_DAY_DECIMALS`` digits, which is finer than a millisecond). Not
+accepted: a sign, spaces, days anywhere but first, Go's ``µs`` spelling (write ``us``: the pattern stays
 ASCII), more than 64 characters, and a bare number -- ``60`` does not say seconds or minutes (Go takes
 a bare ``0`` only, and zero is meaningless for every duration here).
 
@@ -30,10 +31,12 @@ from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
-__all__ = ["DURATION_PATTERN", "MAX_DURATION_LENGTH", "MS", "DurationRange", "parse_duration",
+__all__ = ["DURATION_PATTERN", "MAX_DAY_DECIMALS", "MAX_DURATION_LENGTH", "MS", "DurationRange", "parse_duration",
            "parse_duration_ms", "parse_duration_ns"]
 
 MS = 10**6   # nanoseconds in a millisecond
+#: Decimals a number of days may have: 8 resolve 0.864 ms, and keep the CRD's integer arithmetic in int64.
+MAX_DAY_DECIMALS = 8
 #: Longest duration text accepted (bounds the CEL rule's cost in the API server, too).
 MAX_DURATION_LENGTH = 64
 
@@ -44,7 +47,7 @@ _NS = {"ns": 1, "us": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9,
 _NUMBER = r"(?:[0-9]+(?:[.][0-9]*)?|[.][0-9]+)"
 _UNIT = r"(?:ns|us|ms|s|m|h)"     # "ms" before "m" and "s": the longest unit wins, as in Go
 #: The syntax, as a regular expression (also the CRD's ``pattern``).
-DURATION_PATTERN = rf"^(?:[0-9]+d(?:{_NUMBER}{_UNIT})*|(?:{_NUMBER}{_UNIT})+)$"
+DURATION_PATTERN = rf"^(?:[0-9]+(?:[.][0-9]{{1,{MAX_DAY_DECIMALS}}})?d(?:{_NUMBER}{_UNIT})*|(?:{_NUMBER}{_UNIT})+)$"
 _SYNTAX = re.compile(DURATION_PATTERN)
 _PART = re.compile(rf"({_NUMBER})({_UNIT}|d)")
 
@@ -55,7 +58,7 @@ def parse_duration_ns(text: str) -> int:
         raise ValueError(f"not a duration: longer than {MAX_DURATION_LENGTH} characters")
     if not _SYNTAX.fullmatch(text):
         raise ValueError(f"{text!r} is not a duration: write numbers with units, e.g. 500ms, 30s, 1m30s, 2h or 5d "
-                         "(units ns, us, ms, s, m, h, and whole days d first)")
+                         "(units ns, us, ms, s, m, h, and days d first)")
     total = 0
     for number, unit in _PART.findall(text):
         whole, _, fraction = number.partition(".")

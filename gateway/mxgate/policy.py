@@ -160,8 +160,8 @@ SuspendDuration = Annotated[str, DurationRange("1s", "24h")]
 class Retry(_Model):
     """When deferred mail is tried again, and when it is given up (bounced to the sender).
 
-    Durations as in Kubernetes (Go's syntax: ``500ms``, ``30s``, ``1m30s``, ``2h``) or whole days
-    (``5d``); the delays from 100ms to 24h, ``maxAge`` from 1s to 30d.
+    Durations as in Kubernetes (Go's syntax: ``500ms``, ``30s``, ``1m30s``, ``2h``) or in days, first
+    (``5d``, ``1.5d``, ``1d12h``); the delays from 100ms to 24h, ``maxAge`` from 1s to 30d.
     """
 
     initial_delay: RetryDelay = Field(

@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import core_schema
 
-from mxgate.duration import DURATION_PATTERN, MS
+from mxgate.duration import DURATION_PATTERN, MAX_DAY_DECIMALS, MS
 from mxgate.policy import ProviderPolicySpec
 
 GROUP = "mxgate.io"
@@ -42,16 +42,22 @@ KIND = "ProviderPolicy"
 def cel_milliseconds(text: str) -> str:
     """CEL for the duration in the string ``text`` (a CEL expression), in whole milliseconds.
 
-    CEL's ``duration()`` is Go's ``time.ParseDuration``, which has no days: whole days (``1d12h``, only
-    ever first) are counted as ints. Built from ints and ``getMilliseconds()`` rather than by writing the
-    days as hours into a new string: the API server's cost estimate counts a string built with ``+``
-    as unbounded and refuses the CRD. Milliseconds, not nanoseconds (CEL has no accessor for those),
-    so the model compares whole milliseconds too (``mxgate.duration``). Values too large for CEL's int
-    or Go's duration are an evaluation error, and the API server refuses the object, as the model
-    refuses anything that large.
+    CEL's ``duration()`` is Go's ``time.ParseDuration``, which has no days: the days (``1.5d12h``, only
+    ever first, at most ``MAX_DAY_DECIMALS`` decimals) are counted with ints, their fraction divided by
+    the power of ten its length says. Built from ints and ``getMilliseconds()`` rather than by writing
+    the days as hours into a new string: the API server's cost estimate counts a string built with ``+``
+    as unbounded and refuses the CRD. Milliseconds, not nanoseconds (CEL has no accessor for those), so
+    the model compares whole milliseconds too (``mxgate.duration``); truncating the day's fraction to
+    milliseconds here gives what truncating it to nanoseconds and then to milliseconds gives there.
+    Values too large for CEL's int or Go's duration are an evaluation error, and the API server refuses
+    the object, as the model refuses anything that large.
     """
+    day_ms = 86400 * 1000
     days, rest = f"{text}.split('d')[0]", f"{text}.split('d')[1]"
-    return (f"({text}.contains('d') ? int({days}) * {86400 * 1000} + "
+    whole, fraction = f"{days}.split('.')[0]", f"{days}.split('.')[1]"
+    powers = "[" + ", ".join(str(10**n) for n in range(MAX_DAY_DECIMALS + 1)) + "]"
+    fraction_ms = f"({days}.contains('.') ? int({fraction}) * {day_ms} / {powers}[size({fraction})] : 0)"
+    return (f"({text}.contains('d') ? int({whole}) * {day_ms} + {fraction_ms} + "
             f"({rest} == '' ? 0 : duration({rest}).getMilliseconds()) : duration({text}).getMilliseconds())")
 
 

@@ -75,7 +75,7 @@ REFUSALS: dict[str, Refusal] = {
     "garbage-duration.yaml": Refusal("model", "'5 days' is not a duration", "spec.retry.maxAge"),
     "bare-number-duration.yaml": Refusal("model", "60 is a bare number: a duration needs a unit",
                                          "spec.retry.initialDelay"),
-    "fractional-days.yaml": Refusal("model", "'1.5d' is not a duration", "spec.retry.maxAge"),
+    "days-too-many-decimals.yaml": Refusal("model", "'1.123456789d' is not a duration", "spec.retry.maxAge"),
     "negative-duration.yaml": Refusal("model", "'-1m' is not a duration", "spec.retry.initialDelay"),
     "days-not-first.yaml": Refusal("model", "'12h1d' is not a duration", "spec.retry.maxAge"),
     "microsecond-sign.yaml": Refusal("model", "is not a duration", "spec.retry.initialDelay"),

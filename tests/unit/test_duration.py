@@ -1,4 +1,4 @@
-"""The duration syntax (Go's time.ParseDuration plus whole days) and every duration field's bounds."""
+"""The duration syntax (Go's time.ParseDuration plus days) and every duration field's bounds."""
 
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ MS = 10**6
     ("5d", 5 * 86400 * S),
     ("1d12h", 36 * 3600 * S),
     ("0d90m", 5400 * S),
+    ("1.5d", 36 * 3600 * S),         # days with a fraction, as policies always could write them
+    ("0.25d6h", 12 * 3600 * S),
+    ("1.12345678d", 86400 * S + 12345678 * 86400 * S // 10**8),   # 8 decimals: truncated to whole ns
     ("007s", 7 * S),
     ("0s", 0),                      # valid syntax; every field's minimum refuses it
     ("9" * 62 + "ms", int("9" * 62) * MS),   # 64 characters: syntax fine, far over any field's maximum
@@ -46,7 +49,8 @@ def test_go_syntax_and_whole_days(text: str, ns: int) -> None:
     "", "5", "60", "0", "1.5",          # a bare number: seconds or minutes?
     "s", "ms", "d", ".s", "1..5s",
     "-5s", "+5s",                         # no sign: negative durations mean nothing here
-    "1.5d", "1h1d", "1d1d",               # days: whole, and first
+    "1h1d", "1d1d", ".5d", "1.d",         # days: first, once, with digits on both sides of a point
+    "1.123456789d",                       # ... and at most 8 decimals
     "5 s", " 5s", "5s ", "1m 30s", "5s\n",
     "5S", "5H", "5sec", "5min", "5hours", "5 days", "1w", "1y",
     "1e3s", "0x10s", "1_000s", "Infinity", "NaN", "inf", "5µs", "5μs",

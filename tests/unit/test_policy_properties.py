@@ -51,7 +51,8 @@ def _compound() -> st.SearchStrategy[str]:
 _EDGE_DURATIONS = ["0s", "0ms", "0d", "1ns", "99ms", "100ms", "999ms", "1s", "5s", "1m", "10m", "10m1ms",
                    "1h", "24h", "24h0.9ms", "24h1ms", "1d", "2d", "5d", "30d", "30d1ms", "31d", "1d12h", "1.5h",
                    "1m30s", "2h45m", ".5s", "9" * 62 + "ms", "9" * 400 + "s", "99999999999999999999d",
-                   "1.5d", "5", "-5s", "5 days", "forever", ""]
+                   "1.5d", "0.5d12h", "29.99999999d", "30.00000001d", "30.0000001d", "1.123456789d", "5",
+                   "-5s", "5 days", "forever", ""]
 
 durations_wide = st.one_of(st.sampled_from(_EDGE_DURATIONS), _compound(), st.integers(-1, 1000),
                            st.floats(allow_nan=True, allow_infinity=True), st.none())
