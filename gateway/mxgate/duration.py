@@ -5,9 +5,10 @@ The syntax is Go's ``time.ParseDuration``, the way Kubernetes objects write dura
 ``us``, ``ms``, ``s``, ``m``, ``h``; parts add up, in any order. One extension: days, first, ``5d``,
 ``1.5d`` or ``1d12h``, because a queue lifetime reads best in days and policies always could write them
 (a day's fraction has at most ``MAX_DAY_DECIMALS`` digits, which is finer than a millisecond). Not
-accepted: a sign, spaces, days anywhere but first, Go's ``µs`` spelling (write ``us``: the pattern stays
-ASCII), more than 64 characters, and a bare number -- ``60`` does not say seconds or minutes (Go takes
-a bare ``0`` only, and zero is meaningless for every duration here).
+accepted: a sign, spaces, days anywhere but first, more than 9 decimals (nanoseconds), Go's ``µs``
+spelling (write ``us``: the pattern stays ASCII), more than 64 characters, and a bare number -- ``60``
+does not say seconds or minutes (Go takes a bare ``0`` only, and zero is meaningless for every duration
+here).
 
 Each field has bounds of its own (``DurationRange``): zero is never one of them (a zero retry delay is a
 hot retry loop, a zero evaluation window evaluates every tick), and the maximum keeps the value where
@@ -44,7 +45,9 @@ _NS = {"ns": 1, "us": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9,
        "h": 3600 * 10**9, "d": 86400 * 10**9}
 # "[.]" rather than "\." and "[0-9]" rather than "\d": the same text is a Python, an RE2 (API server) and a
 # CEL string literal, and Python's \d would also match non-ASCII digits.
-_NUMBER = r"(?:[0-9]+(?:[.][0-9]*)?|[.][0-9]+)"
+# At most 9 decimals (nanoseconds): beyond them Go drops digits and rounds through a float, and the API
+# server (Go) could then read a value at a bound differently from the model.
+_NUMBER = r"(?:[0-9]+(?:[.][0-9]{0,9})?|[.][0-9]{1,9})"
 _UNIT = r"(?:ns|us|ms|s|m|h)"     # "ms" before "m" and "s": the longest unit wins, as in Go
 #: The syntax, as a regular expression (also the CRD's ``pattern``).
 DURATION_PATTERN = rf"^(?:[0-9]+(?:[.][0-9]{{1,{MAX_DAY_DECIMALS}}})?d(?:{_NUMBER}{_UNIT})*|(?:{_NUMBER}{_UNIT})+)$"

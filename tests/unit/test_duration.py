@@ -27,7 +27,9 @@ MS = 10**6
     ("30s1m", 90 * S),              # in any order
     (".5s", 500 * MS),              # Go takes a fraction without the leading 0 ...
     ("1.s", S),                     # ... and a trailing dot
-    ("1.0000000005s", S),           # truncated to whole nanoseconds, as Go does
+    ("1.5ns", 1),                   # truncated to whole nanoseconds, as Go does
+    ("1.999999999s", 2 * S - 1),
+    ("0.123456789ms", 123456),
     ("1500us", 1500 * 1000),
     ("250ns", 250),
     ("5d", 5 * 86400 * S),
@@ -40,7 +42,7 @@ MS = 10**6
     ("0s", 0),                      # valid syntax; every field's minimum refuses it
     ("9" * 62 + "ms", int("9" * 62) * MS),   # 64 characters: syntax fine, far over any field's maximum
 ])
-def test_go_syntax_and_whole_days(text: str, ns: int) -> None:
+def test_go_syntax_and_days(text: str, ns: int) -> None:
     assert parse_duration_ns(text) == ns
     assert parse_duration(text) == ns / 1e9
 
@@ -51,6 +53,7 @@ def test_go_syntax_and_whole_days(text: str, ns: int) -> None:
     "-5s", "+5s",                         # no sign: negative durations mean nothing here
     "1h1d", "1d1d", ".5d", "1.d",         # days: first, once, with digits on both sides of a point
     "1.123456789d",                       # ... and at most 8 decimals
+    "1.0000000001s", ".0000000001s",      # other numbers at most 9 (nanoseconds)
     "5 s", " 5s", "5s ", "1m 30s", "5s\n",
     "5S", "5H", "5sec", "5min", "5hours", "5 days", "1w", "1y",
     "1e3s", "0x10s", "1_000s", "Infinity", "NaN", "inf", "5µs", "5μs",
