@@ -49,6 +49,19 @@ _GLOB_RE = re.compile(r"^[a-z0-9*?.\[\]!-]{1,253}$")
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
+def _integer(value: object) -> object:
+    # As the CRD's "type: integer" (measured on the API server): 5 and 5.0 are integers, true and "5" are
+    # not; pydantic alone would take both.
+    if isinstance(value, bool | str):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+#: An integer field; the number fields are Field(strict=True): 5 but not true or "5" (as the CRD's
+#: "type: number"), as ``enabled`` is a StrictBool.
+Integer = Annotated[int, BeforeValidator(_integer)]
+
+
 class _Model(BaseModel):
     # allow_inf_nan=False: a NaN would otherwise be refused as "should be less than or equal to ...".
     model_config = ConfigDict(
@@ -120,29 +133,31 @@ MAX_COUNT = 1_000_000_000
 class Limits(_Model):
     """The limits the whole fleet keeps towards this provider (the ceiling the adaptive loop works under)."""
 
-    max_connections: int = Field(
-        default=10, ge=1, le=10_000, description="Concurrent SMTP connections to this provider, fleet-wide."
-    )
-    max_messages_per_connection: int = Field(
-        default=100, ge=1, le=1_000_000, description="Messages sent over one connection before it is closed."
-    )
+    max_connections: Integer = Field(
+        default=10, ge=1, le=10_000,
+        description="Concurrent SMTP connections to this provider, fleet-wide, from 1 to 10000.")
+    max_messages_per_connection: Integer = Field(
+        default=100, ge=1, le=1_000_000,
+        description="Messages sent over one connection before it is closed, from 1 to 1000000.")
     messages_per_second: float | None = Field(
-        default=None, ge=MIN_RATE, le=MAX_RATE,
+        strict=True, default=None, ge=MIN_RATE, le=MAX_RATE,
         description="Message rate, fleet-wide, from 0.01 to 1000000; unset means no rate limit.")
-    burst: int | None = Field(
-        default=None, ge=1, le=1_000_000,
+    # Optional integers carry their bounds inside the Annotated type, before the validator: after it (or on
+    # the field), pydantic writes them into the JSON schema (and so the CRD) as "ge"/"le", not minimum/maximum.
+    burst: Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(_integer)] | None = Field(
+        default=None,
         description="Messages that may be sent at once, from 1 to 1000000 (default: a tenth of a second's "
         "worth, at least 1).",
     )
-    messages_per_hour: int | None = Field(
-        default=None, ge=1, le=MAX_COUNT,
+    messages_per_hour: Annotated[int, Field(ge=1, le=MAX_COUNT), BeforeValidator(_integer)] | None = Field(
+        default=None,
         description="Cap on messages per clock hour, fleet-wide (IP warm-up), up to 1000000000; unset: none.")
-    messages_per_day: int | None = Field(
-        default=None, ge=1, le=MAX_COUNT,
+    messages_per_day: Annotated[int, Field(ge=1, le=MAX_COUNT), BeforeValidator(_integer)] | None = Field(
+        default=None,
         description="Cap on messages per UTC day, fleet-wide, up to 1000000000; unset: none. A warm-up "
         "(spec.warmup) caps the day lower while it lasts.")
     idle_timeout_seconds: float = Field(
-        default=5.0, gt=0, le=3600, description="An idle connection is closed after this many seconds."
+        strict=True, default=5.0, gt=0, le=3600, description="An idle connection is closed after this many seconds."
     )
 
 
@@ -195,8 +210,8 @@ class Retry(_Model):
 class ConnectionsAndRate(_Model):
     """A pair of values: one for the connection limit, one for the message rate."""
 
-    connections: int = Field(default=1, ge=1, le=10_000, description="Connections fleet-wide.")
-    messages_per_second: float = Field(default=1.0, ge=MIN_RATE, le=MAX_RATE,
+    connections: Integer = Field(default=1, ge=1, le=10_000, description="Connections fleet-wide.")
+    messages_per_second: float = Field(strict=True, default=1.0, ge=MIN_RATE, le=MAX_RATE,
                                        description="Messages per second fleet-wide, from 0.01 to 1000000.")
 
 
@@ -207,7 +222,7 @@ class Adaptive(_Model):
     floor: ConnectionsAndRate = Field(
         default_factory=ConnectionsAndRate, description="Limits are never cut below these values.")
     decrease_factor: float = Field(
-        default=0.7, gt=0, lt=1,
+        strict=True, default=0.7, gt=0, lt=1,
         description="A connection-limit cut multiplies the limit by at most this factor. The rate is cut to "
         "the goodput the provider accepted instead (at least 5 %, at most to a quarter at once), except in a "
         "window dominated by connection deferrals, where it is cut by at most this factor.")
@@ -218,9 +233,9 @@ class Adaptive(_Model):
         default="5s", description="How often telemetry is evaluated; from 1s to 10m (telemetry is counted per "
         "second and kept 15 minutes).")
     deferral_threshold: float = Field(
-        default=0.01, ge=0, le=1,
+        strict=True, default=0.01, ge=0, le=1,
         description="Fraction of recipient outcomes in a window, per signal, that triggers a cut.")
-    calm_windows: int = Field(
+    calm_windows: Integer = Field(
         default=3, ge=1, le=1000,
         description="Windows with traffic and no signal before a limit is raised; doubled each time a raise "
         "back to a level that drew deferrals draws them again (damping).")
@@ -245,11 +260,11 @@ CalendarDate = Annotated[date, BeforeValidator(_calendar_date)]
 class WarmupStep(_Model):
     """One step of a warm-up ramp: from its day on, at most messagesPerDay messages a day."""
 
-    day: int = Field(
+    day: Integer = Field(
         ge=1, le=366,
         description="Day of the warm-up the step starts on; day 1 is startDate. The step lasts until the day "
         "before the next step's; the last step lasts its day only.")
-    messages_per_day: int = Field(
+    messages_per_day: Integer = Field(
         ge=1, le=100_000_000,
         description="Messages to this provider per UTC day, fleet-wide, while the step lasts.")
 

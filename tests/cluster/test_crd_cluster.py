@@ -26,7 +26,7 @@ from mxgate.policy import API_VERSION, KIND, ProviderPolicy, ProviderPolicySpec
 from mxgate.policy_files import load_policy_file
 from mxgate_operator.crd import GROUP, PLURAL, VERSION, crd
 from support.kubeapi import REPO_ROOT, KubeAPI
-from support.policy_bounds import NUMBERS, put
+from support.policy_bounds import INTEGERS, NUMBERS, put
 from support.policy_corpus import REFUSALS, bad_files, good_files
 
 pytestmark = pytest.mark.usefixtures("crds_installed")
@@ -446,13 +446,20 @@ def test_good_corpus_files_apply_and_mean_the_same_in_the_cluster(kube: KubeAPI,
         assert ProviderPolicy.model_validate(document(stored["spec"], name=policy.name)) == policy
 
 
+#: Integer fields the CRD's CEL rules read (crd.SPEC_RULES).
+CEL_INTEGERS = {"limits.maxConnections", "adaptive.floor.connections", "warmup.schedule[].day",
+                "warmup.schedule[].messagesPerDay"}
+
+
 def test_server_and_model_agree_on_every_number_at_its_bounds(kube: KubeAPI, namespace: str) -> None:
     disagreements = []
     n = 0
     for path, lowest, highest, below, above, extra in NUMBERS:
         # Integers where a number is integral: the API server once let an integer 0 past "minimum: 0.01".
-        values = {lowest, highest, below, above, 0, -1, int(below) if below == int(below) else below}
-        for value in sorted(values):
+        values: list[Any] = [lowest, highest, below, above, 0, -1, int(below) if below == int(below) else below]
+        values += [float(lowest), lowest + 0.5, True, str(lowest)] if path in INTEGERS else [True, str(lowest)]
+        values += [int(highest)] if path not in INTEGERS and highest == int(highest) else []
+        for value in {repr(v): v for v in values}.values():   # by repr: True and 1 are one key in a set
             spec = put(copy.deepcopy(extra), path, value)
             if "floor.messagesPerSecond" in path or "increaseStep" in path:
                 spec = put(spec, "limits.messagesPerSecond", 1_000_000)
@@ -460,6 +467,10 @@ def test_server_and_model_agree_on_every_number_at_its_bounds(kube: KubeAPI, nam
             n += 1
             model = _model_accepts(body)
             server, message = _server_accepts(kube, namespace, body["metadata"]["name"], body)
+            if model and not server and isinstance(value, float) and path in CEL_INTEGERS and "expected int" in message:
+                # The one way the server is stricter: it takes 5.0 for an integer, except in a field a CEL rule
+                # reads (an evaluation error). Never the other way round: what the model refuses, it refuses.
+                continue
             if model != server:
                 disagreements.append(f"{path}={value!r}: model {'accepts' if model else 'refuses'}, server "
                                      f"{'accepts' if server else 'refuses: ' + message}")

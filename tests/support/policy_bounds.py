@@ -7,6 +7,11 @@ from typing import Any
 
 START = "2026-12-01"
 
+#: The fields of type integer (the rest are numbers): 5 and 5.0, not 5.5, true or "5", as in the CRD.
+INTEGERS = {"limits.maxConnections", "limits.maxMessagesPerConnection", "limits.burst", "limits.messagesPerHour",
+            "limits.messagesPerDay", "adaptive.floor.connections", "adaptive.increaseStep.connections",
+            "adaptive.calmWindows", "warmup.schedule[].day", "warmup.schedule[].messagesPerDay"}
+
 #: (field path, lowest accepted, highest accepted, a value just below, one just above, extra spec).
 NUMBERS: list[tuple[str, float, float, float, float, dict[str, Any]]] = [
     ("limits.maxConnections", 1, 10_000, 0, 10_001, {}),

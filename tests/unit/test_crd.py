@@ -87,3 +87,27 @@ def test_fractional_minimums_are_cel_rules_too() -> None:
     for prop in fractional.values():
         assert prop["x-kubernetes-validations"] == [{"rule": "self >= 0.01",
                                                      "message": "should be greater than or equal to 0.01"}]
+
+
+_SCHEMA_KEYWORDS = {"type", "properties", "items", "description", "default", "minimum", "maximum", "exclusiveMinimum",
+                    "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems", "pattern", "enum", "format",
+                    "required", "x-kubernetes-validations", "x-kubernetes-list-type", "x-kubernetes-list-map-keys"}
+
+
+def test_only_keywords_the_api_server_knows() -> None:
+    # pydantic writes some constraints under its own names (an Optional[Annotated[int, validator, ge=1]] gave
+    # "ge: 1"): the API server would refuse the CRD, or ignore the bound.
+    def keywords(node: Any) -> set[str]:
+        if not isinstance(node, dict):
+            return set()
+        found = set(node)
+        for key, child in node.items():
+            if key == "properties":
+                for prop in child.values():
+                    found |= keywords(prop)
+            elif key == "items":
+                found |= keywords(child)
+        return found
+
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert keywords(schema["properties"]["spec"]) - _SCHEMA_KEYWORDS == set()

@@ -15,7 +15,7 @@ import pytest
 
 from mxgate.errors import PolicyError
 from mxgate.policy import API_VERSION, KIND, MAX_MATCH_NESTING, parse_policy
-from support.policy_bounds import NUMBERS, START, put
+from support.policy_bounds import INTEGERS, NUMBERS, START, put
 
 
 def validate(spec: dict[str, Any]) -> None:
@@ -30,7 +30,9 @@ def error_at(path: str) -> str:
                          ids=[n[0] for n in NUMBERS])
 def test_numbers_at_their_bounds_are_accepted(path: str, lowest: float, highest: float, below: float,
                                               above: float, extra: dict[str, Any]) -> None:
-    for value in (lowest, highest):
+    # A number takes an integer, an integer an integral number (5.0), as the API server does.
+    for value in (lowest, highest, float(lowest) if path in INTEGERS else int(highest) if highest == int(highest)
+                  else highest):
         validate(put(copy.deepcopy(extra), path, value))
 
 
@@ -40,7 +42,10 @@ def test_numbers_past_their_bounds_are_refused_naming_the_field(path: str, lowes
                                                                 below: float, above: float,
                                                                 extra: dict[str, Any]) -> None:
     huge = int("9" * 400)
-    for value in (below, above, huge, -huge, math.inf, -math.inf, math.nan, "ten", None if "[]" in path else []):
+    # Types as the CRD has them: no booleans or strings for numbers, no fraction for an integer.
+    wrong_types = [True, False, str(lowest), *([lowest + 0.5] if path in INTEGERS else [])]
+    for value in (below, above, huge, -huge, math.inf, -math.inf, math.nan, "ten", None if "[]" in path else [],
+                  *wrong_types):
         with pytest.raises(PolicyError) as refused:
             validate(put(copy.deepcopy(extra), path, value))
         assert error_at(path) in str(refused.value), (value, str(refused.value))
