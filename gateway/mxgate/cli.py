@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--data-dir", type=Path, default=Path(".mxgate-dev"), metavar="DIR",
                      help="where the embedded Redis keeps its append-only file (default .mxgate-dev)")
     dev.add_argument("--redis-port", type=int, default=0, help="embedded Redis port (default: a free one)")
+    dev.add_argument("--redis-url", help="use this Redis (any scheme mxgate takes) instead of an embedded one")
+    dev.add_argument("--redis-password-file", type=Path, metavar="PATH", help="its password, from a file")
 
     operator = sub.add_parser("operator", help="Kubernetes operator: ProviderPolicy objects -> Redis, adaptive "
                               "limits, status and Events")
@@ -266,19 +268,28 @@ async def _controller(args: argparse.Namespace) -> None:
 async def _dev(args: argparse.Namespace) -> None:
     from mxgate.app import Gateway
     from mxgate.embedded_redis import EmbeddedRedis
-    from mxgate.policy import load_policy_dir
+    from mxgate.policy_files import load_policy_dir
     from mxgate.redisconn import RedisConnection, parse_redis_url
     from mxgate.tasks import cancel_and_wait
     from mxgate_operator.filemode import FileController
 
     load_policy_dir(args.policies)  # fail before starting anything
-    redis_server = EmbeddedRedis(args.data_dir.resolve(), port=args.redis_port or None).start()
-    connection = RedisConnection(parse_redis_url(redis_server.url))
+    # --redis-url: an external Redis (single, Sentinel or Cluster) instead of the embedded one.
+    target = _redis_target(args) if args.redis_url else None
+    redis_server = None if target else EmbeddedRedis(args.data_dir.resolve(), port=args.redis_port or None).start()
+    if target is None:
+        assert redis_server is not None
+        target = parse_redis_url(redis_server.url)
+    connection = RedisConnection(target)
     control_task: asyncio.Task[None] | None = None
     try:
+        try:
+            await connection.initialize()
+        except SpoolError as exc:
+            raise ConfigError(str(exc)) from exc
         controller = FileController(connection.client, args.policies)
         await controller.publish()
-        gateway = Gateway(gateway_settings(args, redis_url=redis_server.url))
+        gateway = Gateway(gateway_settings(args, redis_url=target.url, redis_password=target.password))
         stop = asyncio.Event()
         control_task = asyncio.get_running_loop().create_task(controller.run())
         run_task = asyncio.get_running_loop().create_task(gateway.run(stop))
@@ -288,16 +299,32 @@ async def _dev(args: argparse.Namespace) -> None:
             await run_task
         host, port = args.listen
         metrics = f"http://{args.metrics_listen[0]}:{args.metrics_listen[1]}" if args.metrics_listen else "off"
-        print(f"mxgate dev: SMTP on {host}:{gateway.port}, Redis at {redis_server.url} "
-              f"(data in {args.data_dir}), policies from {args.policies}, health and metrics on {metrics}. "
-              "Ctrl-C stops.", file=sys.stderr, flush=True)
-        await run_task
+        where = f"Redis at {target.redacted}" + (f" (data in {args.data_dir})" if redis_server else "")
+        print(f"mxgate dev: SMTP on {host}:{gateway.port}, {where}, policies from {args.policies}, health and "
+              f"metrics on {metrics}. Ctrl-C stops.", file=sys.stderr, flush=True)
+        await serve_with_controller(run_task, control_task, stop)
     finally:
         # Also when the gateway failed to start (port in use): the controller loop must not outlive it.
         if control_task is not None:
             await cancel_and_wait([control_task], timeout=5.0)
         await connection.aclose()
-        redis_server.stop()
+        if redis_server is not None:
+            redis_server.stop()
+
+
+async def serve_with_controller(run_task: asyncio.Task[None], control_task: asyncio.Task[None],
+                                stop: asyncio.Event) -> None:
+    """Wait for the gateway (``run_task``); should the in-process controller end first, stop the gateway
+    and fail. Its loop never ends on its own: a gateway without it would serve stale policies and limits
+    unnoticed, so ``mxgate dev`` stops, loudly."""
+    await asyncio.wait([run_task, control_task], return_when=asyncio.FIRST_COMPLETED)
+    if control_task.done() and not run_task.done():
+        failure = None if control_task.cancelled() else control_task.exception()
+        log.critical("the in-process controller stopped (%r); stopping mxgate dev", failure, exc_info=failure)
+        stop.set()
+        await run_task
+        raise MxgateError(f"the in-process controller stopped: {failure!r}")
+    await run_task
 
 
 async def _until_signal(coro: Coroutine[Any, Any, None]) -> None:
@@ -381,7 +408,7 @@ def _passwd(args: argparse.Namespace) -> None:
 
 def _policy_validate(args: argparse.Namespace) -> int:
     from mxgate.errors import PolicyError
-    from mxgate.policy import load_policy_file
+    from mxgate.policy_files import load_policy_file
 
     status = 0
     for path in args.files:

@@ -25,7 +25,8 @@ revision change in one transaction on a cluster too. Every key a script touches 
                                             and extend present the token)
     mxg:{p:<provider>}:commit:<qid> STRING  "1" once every job of a multi-domain message is stored (and
                                             replicated): its jobs may be delivered. Written last, so a
-                                            message refused with 451 half-way never is. TTL 8 days.
+                                            message refused with 451 half-way never is. Deleted once
+                                            every job is promoted; TTL 31 days (> any retry.maxAge).
 
   Fleet limits (per egress identity <id>: the sending IP or pool; "default" until pools exist)
     mxg:{p:<provider>}:limits       HASH    effective limits in force now (controller/operator writes):

@@ -7,8 +7,8 @@ the whole fleet must stay within when talking to it.
 The field names are the public interface (the same object as the Kubernetes custom resource): extend,
 never rename. The model rejects unknown fields so a typo is an error, not a silently ignored setting.
 
-Files may hold several YAML documents; ``load_policy_dir`` reads every ``*.yaml``/``*.yml`` file of a
-directory and reports the file, the document index and the offending field on any error.
+``parse_policy`` turns one document into a policy or a PolicyError naming the source and the field;
+``mxgate.policy_files`` reads them from files.
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -33,7 +31,9 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from mxgate.duration import DurationRange, parse_duration_ms
 from mxgate.errors import PolicyError
 
 API_VERSION = "mxgate.io/v1alpha1"
@@ -49,10 +49,24 @@ _GLOB_RE = re.compile(r"^[a-z0-9*?.\[\]!-]{1,253}$")
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
+def _integer(value: object) -> object:
+    # As the CRD's "type: integer" (measured on the API server): 5 and 5.0 are integers, true and "5" are
+    # not; pydantic alone would take both.
+    if isinstance(value, bool | str):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+#: An integer field; the number fields are Field(strict=True): 5 but not true or "5" (as the CRD's
+#: "type: number"), as ``enabled`` is a StrictBool.
+Integer = Annotated[int, BeforeValidator(_integer)]
+
+
 class _Model(BaseModel):
+    # allow_inf_nan=False: a NaN would otherwise be refused as "should be less than or equal to ...".
     model_config = ConfigDict(
-        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True, str_strip_whitespace=True
-    )
+        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True, str_strip_whitespace=True,
+        allow_inf_nan=False)
 
 
 class Match(_Model):
@@ -109,71 +123,96 @@ class Route(_Model):
         return [parse_host_port(entry, default_port=25) for entry in self.hosts]
 
 
+# Rates are kept to two decimals by the controller (core._round_rate): a smaller one would round to 0, which
+# the gateways read as "no limit". Counts stay far below 2**53, where Redis's Lua numbers stop being exact.
+MIN_RATE = 0.01
+MAX_RATE = 1_000_000
+MAX_COUNT = 1_000_000_000
+
+
 class Limits(_Model):
     """The limits the whole fleet keeps towards this provider (the ceiling the adaptive loop works under)."""
 
-    max_connections: int = Field(
-        default=10, ge=1, le=10_000, description="Concurrent SMTP connections to this provider, fleet-wide."
-    )
-    max_messages_per_connection: int = Field(
-        default=100, ge=1, le=1_000_000, description="Messages sent over one connection before it is closed."
-    )
+    max_connections: Integer = Field(
+        default=10, ge=1, le=10_000,
+        description="Concurrent SMTP connections to this provider, fleet-wide, from 1 to 10000.")
+    max_messages_per_connection: Integer = Field(
+        default=100, ge=1, le=1_000_000,
+        description="Messages sent over one connection before it is closed, from 1 to 1000000.")
     messages_per_second: float | None = Field(
-        default=None, gt=0, le=1_000_000, description="Message rate, fleet-wide; unset means no rate limit."
+        strict=True, default=None, ge=MIN_RATE, le=MAX_RATE,
+        description="Message rate, fleet-wide, from 0.01 to 1000000; unset means no rate limit.")
+    # Optional integers carry their bounds inside the Annotated type, before the validator: after it (or on
+    # the field), pydantic writes them into the JSON schema (and so the CRD) as "ge"/"le", not minimum/maximum.
+    burst: Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(_integer)] | None = Field(
+        default=None,
+        description="Messages that may be sent at once, from 1 to 1000000 (default: a tenth of a second's "
+        "worth, at least 1).",
     )
-    burst: int | None = Field(
-        default=None, ge=0, le=1_000_000,
-        description="Messages that may be sent at once (default: a tenth of a second's worth, at least 1).",
-    )
-    messages_per_hour: int | None = Field(
-        default=None, ge=1, description="Cap on messages per clock hour, fleet-wide (IP warm-up); unset: none.")
-    messages_per_day: int | None = Field(
-        default=None, ge=1, description="Cap on messages per UTC day, fleet-wide; unset: none. A warm-up "
+    messages_per_hour: Annotated[int, Field(ge=1, le=MAX_COUNT), BeforeValidator(_integer)] | None = Field(
+        default=None,
+        description="Cap on messages per clock hour, fleet-wide (IP warm-up), up to 1000000000; unset: none.")
+    messages_per_day: Annotated[int, Field(ge=1, le=MAX_COUNT), BeforeValidator(_integer)] | None = Field(
+        default=None,
+        description="Cap on messages per UTC day, fleet-wide, up to 1000000000; unset: none. A warm-up "
         "(spec.warmup) caps the day lower while it lasts.")
     idle_timeout_seconds: float = Field(
-        default=5.0, gt=0, le=3600, description="An idle connection is closed after this many seconds."
+        strict=True, default=5.0, gt=0, le=3600, description="An idle connection is closed after this many seconds."
     )
 
 
-_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(text: str) -> float:
-    """``"250ms"``, ``"30s"``, ``"5m"``, ``"2h"``, ``"5d"`` -> seconds."""
-    match = _DURATION_RE.match(text.strip())
-    if not match:
-        raise ValueError(f"{text!r} is not a duration (a number followed by ms, s, m, h or d, e.g. 30s)")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-
-
-Duration = Annotated[str, Field(pattern=_DURATION_RE.pattern)]
+# Bounds of each kind of duration (mxgate.duration has the syntax). The CRD gets the same ones.
+#: Retry delays: below 100 ms a deferral is retried in a hot loop; above a day, "retry" means "hold".
+RetryDelay = Annotated[str, DurationRange("100ms", "24h")]
+#: Queue lifetime: RFC 5321 asks for 4-5 days (Postfix: 5d); a month is the longest a sender still cares.
+QueueLifetime = Annotated[str, DurationRange("1s", "30d")]
+#: Evaluation window: telemetry is counted per second and kept 15 minutes (mxgate.telemetry.fleet).
+EvaluationWindow = Annotated[str, DurationRange("1s", "10m")]
+#: A Suspend rule's pause: providers ask for minutes to hours ([TSS04]); longer would strand the queue.
+SuspendDuration = Annotated[str, DurationRange("1s", "24h")]
 
 
 class Retry(_Model):
-    """When deferred mail is tried again, and when it is given up (bounced to the sender)."""
+    """When deferred mail is tried again, and when it is given up (bounced to the sender).
 
-    initial_delay: Duration = Field(default="1m", description="First retry after an ordinary deferral.")
-    max_delay: Duration = Field(default="1h", description="Longest wait between retries; delays double up to it.")
-    throttled_delay: Duration = Field(
-        default="5s", description="First retry after a throttling deferral (connections, rate): the limiter paces it.")
-    throttled_max_delay: Duration = Field(default="5m", description="Longest wait after throttling deferrals.")
-    max_age: Duration = Field(default="5d", description="Mail still undelivered after this is bounced (5.4.7).")
+    Durations as in Kubernetes (Go's syntax: ``500ms``, ``30s``, ``1m30s``, ``2h``) or in days, first
+    (``5d``, ``1.5d``, ``1d12h``); the delays from 100ms to 24h, ``maxAge`` from 1s to 30d.
+    """
+
+    initial_delay: RetryDelay = Field(
+        default="1m", description="First retry after an ordinary deferral; from 100ms to 24h.")
+    max_delay: RetryDelay = Field(
+        default="1h", description="Longest wait between retries; delays double up to it. From 100ms to 24h, "
+        "not shorter than initialDelay.")
+    throttled_delay: RetryDelay = Field(
+        default="5s", description="First retry after a throttling deferral (connections, rate): the limiter "
+        "paces it. From 100ms to 24h.")
+    throttled_max_delay: RetryDelay = Field(
+        default="5m", description="Longest wait after throttling deferrals; from 100ms to 24h, not shorter than "
+        "throttledDelay.")
+    max_age: QueueLifetime = Field(
+        default="5d", description="Mail still undelivered after this is bounced (5.4.7); from 1s to 30d.")
 
     @model_validator(mode="after")
-    def _ordered(self) -> Retry:
-        if parse_duration(self.max_delay) < parse_duration(self.initial_delay):
-            raise ValueError("maxDelay must not be shorter than initialDelay")
-        if parse_duration(self.throttled_max_delay) < parse_duration(self.throttled_delay):
-            raise ValueError("throttledMaxDelay must not be shorter than throttledDelay")
+    def _caps_not_below_first_delays(self) -> Retry:
+        for first, cap in (("initial_delay", "max_delay"), ("throttled_delay", "throttled_max_delay")):
+            if parse_duration_ms(getattr(self, cap)) < parse_duration_ms(getattr(self, first)):  # as the CRD
+                # Located at the field (spec.retry.maxDelay), which a plain ValueError here would not be.
+                raise ValidationError.from_exception_data("Retry", [InitErrorDetails(
+                    type=PydanticCustomError("duration_order", "{cap} ({value}) must not be shorter than "
+                                             "{first} ({first_value})",
+                                             {"cap": to_camel(cap), "value": getattr(self, cap),
+                                              "first": to_camel(first), "first_value": getattr(self, first)}),
+                    loc=(to_camel(cap),), input=getattr(self, cap))])
         return self
 
 
 class ConnectionsAndRate(_Model):
     """A pair of values: one for the connection limit, one for the message rate."""
 
-    connections: int = Field(default=1, ge=1, le=10_000, description="Connections fleet-wide.")
-    messages_per_second: float = Field(default=1.0, gt=0, le=1_000_000, description="Messages per second fleet-wide.")
+    connections: Integer = Field(default=1, ge=1, le=10_000, description="Connections fleet-wide.")
+    messages_per_second: float = Field(strict=True, default=1.0, ge=MIN_RATE, le=MAX_RATE,
+                                       description="Messages per second fleet-wide, from 0.01 to 1000000.")
 
 
 class Adaptive(_Model):
@@ -183,18 +222,20 @@ class Adaptive(_Model):
     floor: ConnectionsAndRate = Field(
         default_factory=ConnectionsAndRate, description="Limits are never cut below these values.")
     decrease_factor: float = Field(
-        default=0.7, gt=0, lt=1,
+        strict=True, default=0.7, gt=0, lt=1,
         description="A connection-limit cut multiplies the limit by at most this factor. The rate is cut to "
         "the goodput the provider accepted instead (at least 5 %, at most to a quarter at once), except in a "
         "window dominated by connection deferrals, where it is cut by at most this factor.")
     increase_step: ConnectionsAndRate = Field(
         default_factory=lambda: ConnectionsAndRate(connections=1, messages_per_second=5.0),
         description="Added to a limit after enough calm windows (additive increase), up to the ceiling.")
-    evaluation_window: Duration = Field(default="5s", description="How often telemetry is evaluated.")
+    evaluation_window: EvaluationWindow = Field(
+        default="5s", description="How often telemetry is evaluated; from 1s to 10m (telemetry is counted per "
+        "second and kept 15 minutes).")
     deferral_threshold: float = Field(
-        default=0.01, ge=0, le=1,
+        strict=True, default=0.01, ge=0, le=1,
         description="Fraction of recipient outcomes in a window, per signal, that triggers a cut.")
-    calm_windows: int = Field(
+    calm_windows: Integer = Field(
         default=3, ge=1, le=1000,
         description="Windows with traffic and no signal before a limit is raised; doubled each time a raise "
         "back to a level that drew deferrals draws them again (damping).")
@@ -219,11 +260,11 @@ CalendarDate = Annotated[date, BeforeValidator(_calendar_date)]
 class WarmupStep(_Model):
     """One step of a warm-up ramp: from its day on, at most messagesPerDay messages a day."""
 
-    day: int = Field(
+    day: Integer = Field(
         ge=1, le=366,
         description="Day of the warm-up the step starts on; day 1 is startDate. The step lasts until the day "
         "before the next step's; the last step lasts its day only.")
-    messages_per_day: int = Field(
+    messages_per_day: Integer = Field(
         ge=1, le=100_000_000,
         description="Messages to this provider per UTC day, fleet-wide, while the step lasts.")
 
@@ -260,6 +301,36 @@ class Warmup(_Model):
         return steps
 
 
+#: How a rule's ``match`` is compiled, by the model's check and by the gateway (egress.outcome) alike.
+REPLY_MATCH_FLAGS = re.IGNORECASE
+MAX_MATCH_NESTING = 50
+
+
+def _nesting(pattern: str) -> int:
+    """Deepest nesting of "(" in a regex, not counting escaped ones or those in [...] (an upper bound)."""
+    depth = deepest = 0
+    i, in_class = 0, False
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            i += 1
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            if pattern[i + 1:i + 2] == "^":
+                i += 1
+            if pattern[i + 1:i + 2] == "]":   # "[]...]" and "[^]...]": the first "]" is a member
+                i += 1
+        elif char == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ")":
+            depth = max(0, depth - 1)
+        i += 1
+    return deepest
+
+
 ResponseAction = Literal["TightenConnections", "TightenRate", "Suspend", "Bounce", "Retry"]
 
 
@@ -272,14 +343,18 @@ class ResponseRule(_Model):
         description="TightenConnections / TightenRate: a throttling signal for the controller; Suspend: no "
         "delivery to the provider for `duration`; Bounce: treat as a permanent failure; Retry: an "
         "ordinary deferral that changes no limit.")
-    duration: Duration | None = Field(default=None, description="How long a Suspend lasts.")
+    duration: SuspendDuration | None = Field(
+        default=None, description="How long a Suspend lasts, from 1s to 24h, e.g. 30m or 2h.")
 
     @field_validator("match")
     @classmethod
     def _compiles(cls, value: str) -> str:
+        if _nesting(value) > MAX_MATCH_NESTING:
+            # Python compiles regexes recursively: some 500 levels are a RecursionError, wherever it happens.
+            raise ValueError(f"not a usable regular expression: groups nested deeper than {MAX_MATCH_NESTING}")
         try:
-            re.compile(value)
-        except re.error as exc:
+            re.compile(value, REPLY_MATCH_FLAGS)
+        except (re.error, OverflowError, RecursionError) as exc:   # OverflowError: a{4294967296}
             raise ValueError(f"not a valid regular expression: {exc}") from exc
         return value
 
@@ -396,48 +471,6 @@ def parse_policy(document: Mapping[str, Any], *, source: str) -> ProviderPolicy:
         return ProviderPolicy.model_validate(document)
     except ValidationError as exc:
         raise PolicyError(format_validation_error(source, exc)) from exc
-
-
-class _PolicyLoader(yaml.SafeLoader):
-    """Safe YAML as kubectl reads it: an unquoted date (``startDate: 2026-11-01``) stays a string for the
-    model to check; PyYAML's own date parsing would turn 2026-11-31 into a traceback instead."""
-
-
-_PolicyLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-
-
-def load_policy_file(path: Path) -> list[ProviderPolicy]:
-    try:
-        documents = [d for d in yaml.load_all(path.read_text(encoding="utf-8"), Loader=_PolicyLoader)
-                     if d is not None]
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"{path}: not valid YAML: {exc}") from exc
-    policies = []
-    for index, document in enumerate(documents):
-        source = f"{path}" if len(documents) == 1 else f"{path}[{index}]"
-        if not isinstance(document, dict):
-            raise PolicyError(f"{source}: expected a ProviderPolicy mapping, got {type(document).__name__}")
-        policies.append(parse_policy(document, source=source))
-    return policies
-
-
-def load_policy_dir(directory: Path) -> list[ProviderPolicy]:
-    """Every policy in ``directory``; errors name the file. Duplicate names are an error."""
-    if not directory.is_dir():
-        raise PolicyError(f"{directory}: not a directory")
-    policies: list[ProviderPolicy] = []
-    seen: dict[str, Path] = {}
-    for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
-        for policy in load_policy_file(path):
-            if policy.name in seen:
-                raise PolicyError(f"{path}: policy {policy.name!r} is also defined in {seen[policy.name]}")
-            seen[policy.name] = path
-            policies.append(policy)
-    return policies
 
 
 # --------------------------------------------------------------------------------------------------------

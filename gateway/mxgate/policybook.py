@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mxgate import keys
+from mxgate.duration import parse_duration
 from mxgate.egress.outcome import CompiledRule, compile_rules
 from mxgate.egress.retry import RetrySchedule
 from mxgate.limits.effective import Effective
@@ -36,7 +37,6 @@ from mxgate.policy import (
     ResponseRule,
     Retry,
     Warmup,
-    parse_duration,
 )
 from mxgate.redisconn import REDIS_ERRORS, RedisConnection, redact
 

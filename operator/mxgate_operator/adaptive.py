@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import cast
 
 from mxgate import keys
-from mxgate.limits.effective import Effective
+from mxgate.limits.effective import Effective, rate_text
 from mxgate.policy import DEFAULT_POLICY_NAME, ProviderPolicy
 from mxgate.redisconn import RedisClient
 from mxgate.telemetry.fleet import read_window
@@ -71,10 +71,10 @@ def _state_to_redis(state: ControlState, reason: str) -> dict[str, str]:
     del effective["suspendedUntil"]
     return {**effective, "calm": str(state.calm),
             "connectionsBad": "" if state.connections_bad is None else str(state.connections_bad),
-            "rateBad": "" if state.rate_bad is None else f"{state.rate_bad:g}",
+            "rateBad": "" if state.rate_bad is None else rate_text(state.rate_bad),
             "connectionStrikes": str(state.connection_strikes), "rateStrikes": str(state.rate_strikes),
             "connectionsGood": "" if state.connections_good is None else str(state.connections_good),
-            "rateGood": "" if state.rate_good is None else f"{state.rate_good:g}"}
+            "rateGood": "" if state.rate_good is None else rate_text(state.rate_good)}
 
 
 def relaxes(move: Adjustment) -> bool:

@@ -53,7 +53,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from mxgate.policy import Adaptive, Limits, parse_duration
+from mxgate.duration import parse_duration
+from mxgate.policy import Adaptive, Limits
 
 MAX_STRIKES = 6
 MIN_RATE_CUT = 0.25   # one window never cuts the rate below a quarter
@@ -166,7 +167,7 @@ def decide(adaptive: Adaptive, ceiling: Limits, state: ControlState, window: Win
             if new.connections != state.connections:
                 moves.append(Adjustment("connections", "connections", state.connections, new.connections))
         if rate_signal:
-            new = _cut_rate(new, adaptive, window, rate_deferred=rate_deferred)
+            new = _cut_rate(new, adaptive, ceiling, window, rate_deferred=rate_deferred)
             reasons.append(f"{rate_deferred}/{total} outcomes deferred for rate or reputation")
             if new.rate != state.rate:
                 moves.append(Adjustment("rate", "rate", state.rate, new.rate))
@@ -217,7 +218,7 @@ def decide(adaptive: Adaptive, ceiling: Limits, state: ControlState, window: Win
                 rate_next = None  # far above anything that was ever a problem: drop the self-imposed limit
             needed = _needed(adaptive, state.rate_bad, rate_next, state.rate_strikes)
         if calm >= needed:
-            new = replace(new, rate=_round_rate(rate_next))
+            new = replace(new, rate=_round_rate(rate_next, adaptive, ceiling))
             moves.append(Adjustment("recovery", "rate", state.rate, new.rate))
     if moves:
         new = replace(new, calm=0)
@@ -248,7 +249,8 @@ def _cut_connections(state: ControlState, adaptive: Adaptive) -> ControlState:
                    connections_good=good)
 
 
-def _cut_rate(state: ControlState, adaptive: Adaptive, window: Window, *, rate_deferred: int) -> ControlState:
+def _cut_rate(state: ControlState, adaptive: Adaptive, ceiling: Limits, window: Window, *,
+              rate_deferred: int) -> ControlState:
     accepted = window.delivered / window.seconds if window.seconds > 0 else 0.0
     old = state.rate
     good = state.rate_good
@@ -269,7 +271,8 @@ def _cut_rate(state: ControlState, adaptive: Adaptive, window: Window, *, rate_d
         if good is not None and good >= old:
             good = None   # the provider now defers at a level that was fine: it moved down
     bad, strikes = _remember(state.rate_bad, state.rate_strikes, reference)
-    return replace(state, rate=_round_rate(new), rate_bad=bad, rate_strikes=strikes, rate_good=good)
+    return replace(state, rate=_round_rate(new, adaptive, ceiling), rate_bad=bad, rate_strikes=strikes,
+                   rate_good=good)
 
 
 def _remember(bad: float | None, strikes: int, level: float) -> tuple[float, int]:
@@ -299,8 +302,13 @@ def moves_between(old: ControlState, new: ControlState, signal: str) -> tuple[Ad
     return tuple(moves)
 
 
-def _round_rate(rate: float | None) -> float | None:
-    return None if rate is None else round(rate, 2)
+def _round_rate(rate: float | None, adaptive: Adaptive, ceiling: Limits) -> float | None:
+    """Two decimals (what logs and the status show), but never past the floor or the ceiling: a ceiling of
+    1.375 msg/s would otherwise be "raised" to 1.38, a floor of 0.015 cut to 0.01."""
+    if rate is None:
+        return None
+    rate = max(round(rate, 2), adaptive.floor.messages_per_second)
+    return rate if ceiling.messages_per_second is None else min(rate, ceiling.messages_per_second)
 
 
 def window_seconds(adaptive: Adaptive) -> float:

@@ -10,6 +10,9 @@ OpenAPI v3.0 form, titles dropped, every property given a description (``kubectl
 them). An object field the model builds with a ``default_factory`` defaults to what the factory builds
 (written as its difference from the class defaults, usually ``{}``), so the API server fills in exactly the
 model's defaults; an optional object (default ``None``, e.g. ``route``) stays absent when unset.
+A duration field (``mxgate.duration.DurationRange``) gets the syntax as its ``pattern`` and its bounds as
+a CEL rule (``cel_milliseconds``: CEL's ``duration()`` is Go's parser, without days), so the API server
+refuses the zero, huge and garbage durations the model refuses, with the same bounds in the message.
 Checks that span fields are CEL rules (``x-kubernetes-validations``); checks the model makes in Python
 that CEL cannot (regular expressions that must compile) are reported by the operator as the
 ``Ready=False / InvalidSpec`` condition.
@@ -26,6 +29,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import core_schema
 
+from mxgate.duration import DURATION_PATTERN, MAX_DAY_DECIMALS, MS
 from mxgate.policy import ProviderPolicySpec
 
 GROUP = "mxgate.io"
@@ -33,7 +37,49 @@ VERSION = "v1alpha1"
 PLURAL = "providerpolicies"
 KIND = "ProviderPolicy"
 
-_DURATION = r"^(\d+(\.\d+)?)(ms|s|m|h|d)$"
+
+
+def cel_milliseconds(text: str) -> str:
+    """CEL for the duration in the string ``text`` (a CEL expression), in whole milliseconds.
+
+    CEL's ``duration()`` is Go's ``time.ParseDuration``, which has no days: the days (``1.5d12h``, only
+    ever first, at most ``MAX_DAY_DECIMALS`` decimals) are counted with ints, their fraction divided by
+    the power of ten its length says. Built from ints and ``getMilliseconds()`` rather than by writing
+    the days as hours into a new string: the API server's cost estimate counts a string built with ``+``
+    as unbounded and refuses the CRD. Milliseconds, not nanoseconds (CEL has no accessor for those), so
+    the model compares whole milliseconds too (``mxgate.duration``); truncating the day's fraction to
+    milliseconds here gives what truncating it to nanoseconds and then to milliseconds gives there.
+    Values too large for CEL's int or Go's duration are an evaluation error, and the API server refuses
+    the object, as the model refuses anything that large.
+    """
+    day_ms = 86400 * 1000
+    days, rest = f"{text}.split('d')[0]", f"{text}.split('d')[1]"
+    whole, fraction = f"{days}.split('.')[0]", f"{days}.split('.')[1]"
+    powers = "[" + ", ".join(str(10**n) for n in range(MAX_DAY_DECIMALS + 1)) + "]"
+    fraction_ms = f"({days}.contains('.') ? int({fraction}) * {day_ms} / {powers}[size({fraction})] : 0)"
+    return (f"({text}.contains('d') ? int({whole}) * {day_ms} + {fraction_ms} + "
+            f"({rest} == '' ? 0 : duration({rest}).getMilliseconds()) : duration({text}).getMilliseconds())")
+
+
+def _is_duration(text: str) -> str:
+    return f"{text}.matches('{DURATION_PATTERN}')"
+
+
+def _duration_range_rule(minimum_ns: int, maximum_ns: int, bounds: str) -> dict[str, str]:
+    # Only on text of the right syntax (the pattern reports the rest), so a typo gets one error, not two.
+    value = cel_milliseconds("self")
+    return {"rule": f"!{_is_duration('self')} || ({value} >= {minimum_ns // MS} && {value} <= {maximum_ns // MS})",
+            "message": f"out of range: must be {bounds}"}
+
+
+def _not_shorter_rule(cap: str, first: str) -> dict[str, str]:
+    # On the spec, not on spec.retry: the API server checks a rule against the field's default too, and
+    # retry's default ({}) has no delays in it (nested defaults are applied to objects, not to defaults).
+    cap_text, first_text = f"self.retry.{cap}", f"self.retry.{first}"
+    return {"rule": f"!{_is_duration(first_text)} || !{_is_duration(cap_text)} || "
+                    f"{cel_milliseconds(cap_text)} >= {cel_milliseconds(first_text)}",
+            "fieldPath": f".retry.{cap}", "message": f"retry.{cap} must not be shorter than retry.{first}"}
+
 
 # Cross-field rules, evaluated by the API server on every create and update (defaults applied first).
 SPEC_RULES = [
@@ -56,6 +102,9 @@ SPEC_RULES = [
     {"rule": "!has(self.warmup) || self.warmup.schedule.map(s, s.messagesPerDay).isSorted()",
      "fieldPath": ".warmup.schedule",
      "message": "warmup.schedule[].messagesPerDay must not decrease from one step to the next: a ramp goes up"},
+    # The retry ladders' order.
+    _not_shorter_rule("maxDelay", "initialDelay"),
+    _not_shorter_rule("throttledMaxDelay", "throttledDelay"),
 ]
 # On each reply rule rather than on the list, so the error names the rule: spec.responses[2].duration.
 RESPONSE_RULES = [
@@ -108,6 +157,14 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             node[exclusive] = True
     if "const" in node:
         node["enum"] = [node.pop("const")]
+    if "x-duration-range" in node:   # mxgate.duration.DurationRange: the bounds become a CEL rule
+        node["x-kubernetes-validations"] = [_duration_range_rule(*node.pop("x-duration-range"))]
+    minimum = node.get("minimum")
+    if node.get("type") == "number" and minimum is not None and minimum != int(minimum):
+        # The API server checks an integer against a fractional minimum as if the minimum were an integer
+        # too (0 passes "minimum: 0.01"); CEL compares numbers as doubles.
+        node["x-kubernetes-validations"] = [{"rule": f"self >= {minimum!r}",
+                                             "message": f"should be greater than or equal to {minimum!r}"}]
     if description:
         node["description"] = description
     if node.get("type") == "object" and "properties" in node:

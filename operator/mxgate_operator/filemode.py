@@ -1,8 +1,11 @@
 """``mxgate controller``: the control plane without Kubernetes.
 
 Loads ProviderPolicy files from a directory into Redis and keeps them there: the directory is checked
-every ``poll_interval`` seconds and republished when a file changes. A broken file is reported and the
-last good table stays in force (at start-up a broken file is an error: nothing good exists yet).
+every ``poll_interval`` seconds and republished when a file changes. A broken file (invalid, not YAML,
+not UTF-8: ``mxgate.policy_files``) is logged, naming the file and the problem, and the last good table
+stays in force until the directory is good again (at start-up a broken file is an error: nothing good
+exists yet). No exception ends the loop: a failed step is logged, with its traceback if it is not one of
+the expected ones (a broken file, Redis away), and tried again on the next tick.
 It also runs the adaptive loop (``adaptive.py``): live limits tighten on deferrals and recover.
 The table is also republished periodically, so a Redis that lost its data (or a flushed test Redis)
 gets it back without a restart.
@@ -15,7 +18,8 @@ import logging
 from pathlib import Path
 
 from mxgate.errors import PolicyError
-from mxgate.policy import ProviderPolicy, load_policy_dir
+from mxgate.policy import ProviderPolicy
+from mxgate.policy_files import load_policy_dir
 from mxgate.redisconn import REDIS_ERRORS, RedisClient
 from mxgate_operator.adaptive import AdaptiveLoop
 from mxgate_operator.publish import publish_policies
@@ -60,11 +64,18 @@ class FileController:
         while True:
             if loop.time() >= next_poll:
                 next_poll = loop.time() + self.poll_interval
-                next_publish = await self._poll_files(next_publish)
+                try:
+                    next_publish = await self._poll_files(next_publish)
+                except Exception:
+                    # A defect of ours, not of the files (those are PolicyErrors): the last good table stays in
+                    # force and is republished; a silently dead loop would stop both.
+                    log.exception("policy files: unexpected error; keeping the last good policies")
             try:
                 await self.adaptive.tick()
             except REDIS_ERRORS as exc:
                 log.warning("adaptive loop: %s", exc)
+            except Exception:
+                log.exception("adaptive loop: unexpected error; trying again next tick")
             await asyncio.sleep(ADAPTIVE_TICK)
 
     async def _poll_files(self, next_publish: float) -> float:

@@ -8,6 +8,7 @@ fills in exactly the defaults the model would.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import subprocess
@@ -19,9 +20,14 @@ import yaml
 from kubernetes.client import ApiException, CustomObjectsApi
 from pydantic import ValidationError
 
-from mxgate.policy import API_VERSION, KIND, ProviderPolicy, ProviderPolicySpec, load_policy_file
+from mxgate.duration import DURATION_PATTERN
+from mxgate.errors import PolicyError
+from mxgate.policy import API_VERSION, KIND, ProviderPolicy, ProviderPolicySpec
+from mxgate.policy_files import load_policy_file
 from mxgate_operator.crd import GROUP, PLURAL, VERSION, crd
 from support.kubeapi import REPO_ROOT, KubeAPI
+from support.policy_bounds import INTEGERS, NUMBERS, put
+from support.policy_corpus import REFUSALS, bad_files, good_files
 
 pytestmark = pytest.mark.usefixtures("crds_installed")
 
@@ -134,9 +140,9 @@ SCHEMA_REFUSALS = [
     pytest.param({"limits": {"maxConnections": "ten"}},
                  ["spec.limits.maxConnections", "must be of type integer"], id="string-for-integer"),
     pytest.param({"limits": {"messagesPerSecond": 0}},
-                 ["spec.limits.messagesPerSecond", "should be greater than 0"], id="zero-rate"),
+                 ["spec.limits.messagesPerSecond", "should be greater than or equal to 0.01"], id="zero-rate"),
     pytest.param({"limits": {"burst": -5}},
-                 ["spec.limits.burst", "should be greater than or equal to 0"], id="negative-burst"),
+                 ["spec.limits.burst", "should be greater than or equal to 1"], id="negative-burst"),
     pytest.param({"limits": {"idleTimeoutSeconds": -1.5}},
                  ["spec.limits.idleTimeoutSeconds", "should be greater than 0"], id="negative-idle-timeout"),
     pytest.param({"adaptive": {"decreaseFactor": 1}},
@@ -338,3 +344,134 @@ def field_names(node: dict[str, Any]) -> list[str]:
     for name, prop in node.get("items", node).get("properties", {}).items():
         out += [name, *field_names(prop)]
     return out
+
+
+# -- durations and the policy-file corpus: the API server refuses what the validator refuses -----------------
+
+#: Values for every duration field, at, inside and past its bounds and in every spelling; the server and the
+#: model must agree on each (the bounds are in mxgate.duration's DurationRange and crd.py's CEL rules).
+DURATION_VALUES = ["0s", "0ms", "0d", "1ns", "99ms", "99.9ms", "100ms", "100.5ms", "999ms", "1s", "1000ms", ".5s",
+                   "1.s", "1m", "1m30s", "30s1m", "1m1m", "10m", "10m0.9ms", "10m1ms", "1h", "1.5h", "1h0m0s",
+                   "2h45m", "24h", "24h0.9ms", "24h1ms", "1440m", "86400s", "1d", "1d0s", "1d12h", "2d",
+                   "0d90m", "5d", "29d23h59m59s999ms", "30d", "30d0.9ms", "30d1ms", "720h", "720h1ms", "31d",
+                   "400d", "99999999999h", "99999999999999999999d", "9" * 62 + "ms", "9" * 65 + "s", "1.5d",
+                   "0.5d", "0.25d6h", ".5d", "1.d", "1.12345678d", "1.123456789d", "0.00000001d", "0.00001157d",
+                   "0.00001158d", "29.99999999d", "30.00000001d", "30.0000001d", "0.99999999d", "0.99999999d1ms",
+                   "0.099999999s", "0.0999999999s", "99.999999999ms", "99.9999999999ms", "1.999999999h",
+                   "12h1d", "5", "-1s", "+1s", "5 days", "5S", "1m500us", "1500000us", "1e3s", ""]
+DURATION_FIELDS = [("retry", "initialDelay"), ("retry", "maxAge"), ("retry", "throttledMaxDelay"),
+                   ("adaptive", "evaluationWindow"), ("responses", "duration")]
+
+
+def _duration_spec(section: str, name: str, value: str) -> dict[str, Any]:
+    if section == "responses":
+        return {"responses": [{"match": "TSS04", "action": "Suspend", "duration": value}]}
+    if name == "initialDelay":
+        return {"retry": {"initialDelay": value, "maxDelay": "24h"}}
+    if name == "throttledMaxDelay":
+        return {"retry": {"throttledDelay": "100ms", "throttledMaxDelay": value}}
+    return {section: {name: value}}
+
+
+def _server_accepts(kube: KubeAPI, namespace: str, name: str, body: dict[str, Any]) -> tuple[bool, str]:
+    with kube.api_client() as api:
+        try:
+            CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body,
+                                                                  field_validation="Strict")
+        except ApiException as refused:
+            return False, json.loads(refused.body).get("message", "")
+    return True, ""
+
+
+def _model_accepts(body: dict[str, Any]) -> bool:
+    try:
+        ProviderPolicy.model_validate(body)
+    except ValidationError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(("section", "name"), DURATION_FIELDS, ids=[f"{s}.{n}" for s, n in DURATION_FIELDS])
+def test_server_and_model_agree_on_every_duration(kube: KubeAPI, namespace: str, section: str, name: str) -> None:
+    disagreements = []
+    for i, value in enumerate(DURATION_VALUES):
+        body = document(_duration_spec(section, name, value), name=f"d{i}")
+        model = _model_accepts(body)
+        server, message = _server_accepts(kube, namespace, f"d{i}", body)
+        if model != server:
+            disagreements.append(f"{value!r}: model {'accepts' if model else 'refuses'}, server "
+                                 f"{'accepts' if server else 'refuses: ' + message}")
+        elif not server and re.fullmatch(DURATION_PATTERN, value) and len(value) <= 64:
+            # A value of the right syntax out of range: the CEL rule's message, naming the field.
+            assert "out of range: must be from" in message or "evaluation" in message, message
+    assert disagreements == []
+
+
+def test_server_and_model_agree_on_the_retry_order(kube: KubeAPI, namespace: str) -> None:
+    cases = [({"initialDelay": "2h"}, False), ({"initialDelay": "1h"}, True), ({"initialDelay": "60m1ms"}, False),
+             ({"initialDelay": "1d", "maxDelay": "24h"}, True), ({"initialDelay": "1d", "maxDelay": "23h"}, False),
+             ({"throttledDelay": "5m0.9ms"}, True), ({"throttledDelay": "5m1ms"}, False),
+             ({"throttledDelay": "1s", "throttledMaxDelay": "999ms"}, False)]
+    for i, (retry, ok) in enumerate(cases):
+        body = document({"retry": retry}, name=f"r{i}")
+        server, message = _server_accepts(kube, namespace, f"r{i}", body)
+        assert (_model_accepts(body), server) == (ok, ok), (retry, message)
+        if not ok:
+            assert "must not be shorter than" in message and "spec.retry." in message, message
+
+
+@pytest.mark.parametrize("path", [p for p in bad_files() if REFUSALS[p.name].kind != "file"], ids=lambda p: p.name)
+def test_the_server_refuses_the_corpus_files_the_validator_refuses(kube: KubeAPI, namespace: str,
+                                                                    path: Path) -> None:
+    refusal = REFUSALS[path.name]
+    with pytest.raises(PolicyError):
+        load_policy_file(path)
+    result = kube.kubectl("create", "-n", namespace, "-f", str(path), check=False)
+    if refusal.kind == "python":
+        # What only Python can check: stored, and the operator reports InvalidSpec (test_operator.py).
+        assert result.returncode == 0, result.stderr
+        return
+    assert result.returncode != 0, result.stdout
+    if refusal.kind == "model":
+        assert refusal.field is not None and refusal.field in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("path", good_files(), ids=lambda p: p.name)
+def test_good_corpus_files_apply_and_mean_the_same_in_the_cluster(kube: KubeAPI, namespace: str,
+                                                                  path: Path) -> None:
+    expected = load_policy_file(path)
+    kube.kubectl("apply", "-n", namespace, "-f", str(path))
+    for policy in expected:
+        stored = get_policy(kube, namespace, policy.name)
+        assert ProviderPolicy.model_validate(document(stored["spec"], name=policy.name)) == policy
+
+
+#: Integer fields the CRD's CEL rules read (crd.SPEC_RULES).
+CEL_INTEGERS = {"limits.maxConnections", "adaptive.floor.connections", "warmup.schedule[].day",
+                "warmup.schedule[].messagesPerDay"}
+
+
+def test_server_and_model_agree_on_every_number_at_its_bounds(kube: KubeAPI, namespace: str) -> None:
+    disagreements = []
+    n = 0
+    for path, lowest, highest, below, above, extra in NUMBERS:
+        # Integers where a number is integral: the API server once let an integer 0 past "minimum: 0.01".
+        values: list[Any] = [lowest, highest, below, above, 0, -1, int(below) if below == int(below) else below]
+        values += [float(lowest), lowest + 0.5, True, str(lowest)] if path in INTEGERS else [True, str(lowest)]
+        values += [int(highest)] if path not in INTEGERS and highest == int(highest) else []
+        for value in {repr(v): v for v in values}.values():   # by repr: True and 1 are one key in a set
+            spec = put(copy.deepcopy(extra), path, value)
+            if "floor.messagesPerSecond" in path or "increaseStep" in path:
+                spec = put(spec, "limits.messagesPerSecond", 1_000_000)
+            body = document(spec, name=f"n{n}")
+            n += 1
+            model = _model_accepts(body)
+            server, message = _server_accepts(kube, namespace, body["metadata"]["name"], body)
+            if model and not server and isinstance(value, float) and path in CEL_INTEGERS and "expected int" in message:
+                # The one way the server is stricter: it takes 5.0 for an integer, except in a field a CEL rule
+                # reads (an evaluation error). Never the other way round: what the model refuses, it refuses.
+                continue
+            if model != server:
+                disagreements.append(f"{path}={value!r}: model {'accepts' if model else 'refuses'}, server "
+                                     f"{'accepts' if server else 'refuses: ' + message}")
+    assert disagreements == []

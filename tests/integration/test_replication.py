@@ -185,6 +185,7 @@ async def test_a_fan_out_refused_half_way_leaves_nothing_to_deliver(tmp_path: Pa
         # The client's retry (a new transaction, a new queue id) is then delivered once per domain.
         retry = new_queue_id()
         await spool.enqueue([job(f"domain:d{n}.test", retry, n, body=body) for n in range(500)])
+        assert await client.exists(keys.commit("domain:d0.test", retry)) == 0   # promoted: no record left
         total = 0
         for n in range(500):
             claim = await spool.claim(f"domain:d{n}.test", limit=10, visibility_ms=30_000)

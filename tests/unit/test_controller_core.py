@@ -175,6 +175,19 @@ def test_a_lowered_ceiling_clamps_at_once_and_floors_hold() -> None:
     assert decision.state.connections == 5 and decision.state.rate == 10.0   # 8 -> 5; 30 -> max(10, 7.5, ...)
 
 
+def test_rates_rounded_to_two_decimals_stay_within_floor_and_ceiling() -> None:
+    # Found by the property test (test_policy_properties.py): a recovery clamped to a ceiling of 1.375/s
+    # was then rounded to 1.38, above it; a cut to a floor of 0.015/s was rounded to 0.01 (or 0.02).
+    ceiling = Limits(max_connections=5, messages_per_second=1.375)
+    state = ControlState(5, 1.0)
+    calm = Window(seconds=5.0, delivered=5, peak_connections=5)
+    raised = decide(Adaptive(calm_windows=1), ceiling, state, calm, now=0.0).state
+    assert raised.rate == 1.375
+    floored = Adaptive(floor=ConnectionsAndRate(connections=1, messages_per_second=0.015))
+    cut = decide(floored, Limits(messages_per_second=1.0), ControlState(5, 0.02), w(deferred_rate=50), now=0.0)
+    assert cut.state.rate == 0.015
+
+
 def test_suspension_expires() -> None:
     state = ControlState(5, 50.0, suspended_until=100.0)
     assert decide(ADAPTIVE, CEILING, state, w(), now=99.0).state.suspended_until == 100.0

@@ -20,3 +20,15 @@ from mxgate.policy import Limits
 ])
 def test_below(ceiling: Limits, effective: Effective, below: tuple[str, ...]) -> None:
     assert effective.below(ceiling) == below
+
+
+@pytest.mark.parametrize(("rate", "text"), [
+    (40.0, "40"), (0.01, "0.01"), (12.5, "12.5"), (1_000_000.0, "1e+06"),
+    # six significant digits were all :g kept; the hash must give back the rate exactly
+    (100000.5, "100000.5"), (1234.5678, "1234.5678"), (0.015, "0.015"),
+])
+def test_rates_are_stored_short_and_exact(rate: float, text: str) -> None:
+    stored = Effective(5, rate).to_redis()["messagesPerSecond"]
+    assert stored == text and float(stored) == rate
+    raw = {k.encode(): v.encode() for k, v in Effective(5, rate).to_redis().items()}
+    assert Effective.from_redis(raw, Limits(maxConnections=5)).messages_per_second == rate

@@ -23,9 +23,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from mxgate.duration import parse_duration
 from mxgate.egress.replies import Classification, DeferralClass, Outcome, SmtpReply, classify
 from mxgate.egress.retry import RetrySchedule, is_expired, next_delay
-from mxgate.policy import ResponseRule, parse_duration
+from mxgate.policy import REPLY_MATCH_FLAGS, ResponseRule
 
 EXPIRED_STATUS = "4.4.7"
 
@@ -60,7 +61,7 @@ class CompiledRule:
 
 
 def compile_rules(rules: Sequence[ResponseRule]) -> tuple[CompiledRule, ...]:
-    return tuple(CompiledRule(re.compile(r.match, re.IGNORECASE), r.action,
+    return tuple(CompiledRule(re.compile(r.match, REPLY_MATCH_FLAGS), r.action,
                               parse_duration(r.duration) if r.duration else None) for r in rules)
 
 

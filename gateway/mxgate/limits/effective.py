@@ -23,6 +23,13 @@ from dataclasses import dataclass
 from mxgate.policy import Limits
 
 
+def rate_text(rate: float) -> str:
+    """A rate as the hash stores it: short ("40", not "40.0"), but exact: ``:g`` alone keeps six digits, so
+    a floor of 100000.5 msg/s came back from Redis as 100000, below the floor."""
+    short = f"{rate:g}"
+    return short if float(short) == rate else repr(rate)
+
+
 @dataclass(frozen=True, slots=True)
 class Effective:
     max_connections: int
@@ -55,7 +62,7 @@ class Effective:
 
     def to_redis(self) -> dict[str, str]:
         return {"maxConnections": str(self.max_connections),
-                "messagesPerSecond": "" if self.messages_per_second is None else f"{self.messages_per_second:g}",
+                "messagesPerSecond": "" if self.messages_per_second is None else rate_text(self.messages_per_second),
                 "suspendedUntil": str(self.suspended_until_ms), "reason": self.reason}
 
     def below(self, ceiling: Limits) -> tuple[str, ...]:

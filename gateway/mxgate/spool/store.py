@@ -50,7 +50,7 @@ log = logging.getLogger("mxgate.spool")
 
 STAGE_MS = 60_000        # a staged job is not claimable before this (its message commits within seconds)
 # A staged job without a commit record that is older than twice STAGE_MS was never acknowledged.
-COMMIT_TTL = 8 * 86400   # seconds a commit record lives: longer than any job (retry.maxAge is at most 7 days)
+COMMIT_TTL = 31 * 86400  # seconds a commit record lives at most: longer than any job (retry.maxAge <= 30d)
 ENQUEUE_TIMEOUT = 20.0   # seconds ingress waits for a whole enqueue; far below STAGE_MS, so no commit comes late
 
 
@@ -191,9 +191,12 @@ class Spool:
         # Committed: the message counts now. Make its jobs due at once (best effort: a job not promoted is
         # claimed after STAGE_MS and finds the commit record).
         try:
-            await self.connection.durable_many([(keys.queue(provider), [self._call("promote", _job_keys(job), [
-                job.job_id, keys.EVENTS, f"{keys.EVENT_WAKE} {provider}"]) for job in group])
-                for provider, group in _by_provider(staged).items()], wait=False)
+            promoted = await self.connection.durable_many([(keys.queue(provider), [
+                self._call("promote", _job_keys(job), [job.job_id, keys.EVENTS, f"{keys.EVENT_WAKE} {provider}"])
+                for job in group]) for provider, group in _by_provider(staged).items()], wait=False)
+            if all(int(result) == 1 for outcome in promoted for result in outcome.results):
+                # Every job is an ordinary one now: nobody will ask the record again.
+                await self.connection.durable(commit_key, [self._call("uncommit", [commit_key], [])], wait=False)
         except (SpoolError, *REDIS_ERRORS) as exc:
             log.warning("staged jobs not promoted (they are claimed after %d s): %s", self.stage_ms // 1000, exc)
 
