@@ -1,0 +1,145 @@
+"""Review of issue 9 (durability under Redis failures): tests that demonstrate defects.
+
+Real redis-server processes (a primary and a replica, REPLICAOF); a replica is stopped with SIGSTOP (it stays
+"online" to the primary for a while, as a partitioned or hung replica does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from mxgate.embedded_redis import EmbeddedRedis
+from mxgate.errors import SpoolError
+from mxgate.redisconn import RedisConnection, parse_redis_url
+from mxgate.spool.store import NewJob, Spool, new_queue_id
+from support.procs import eventually
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[EmbeddedRedis, EmbeddedRedis]]:
+    primary = EmbeddedRedis(tmp_path / "primary").start()
+    replica = EmbeddedRedis(tmp_path / "replica").start()
+    try:
+        yield primary, replica
+    finally:
+        if replica.process is not None and replica.process.poll() is None:
+            os.kill(replica.process.pid, signal.SIGCONT)
+        replica.stop(kill=True)
+        primary.stop(kill=True)
+
+
+@pytest.fixture
+async def replicated(pair: tuple[EmbeddedRedis, EmbeddedRedis]) -> AsyncIterator[tuple[aioredis.Redis, aioredis.Redis]]:
+    primary, replica = pair
+    p, r = aioredis.Redis.from_url(primary.url), aioredis.Redis.from_url(replica.url)
+    await r.replicaof(primary.host, primary.port)
+
+    async def linked() -> bool:
+        info = await p.info("replication")
+        return bool(info["connected_slaves"] == 1 and info["slave0"]["state"] == "online")
+
+    await eventually(linked, timeout=15, what="the replica to sync")
+    yield p, r
+    await p.aclose()
+    await r.aclose()
+
+
+def job(provider: str, qid: str, n: int = 0) -> NewJob:
+    return NewJob(provider=provider, job_id=f"{qid}.{n}", queue_id=qid, sender="a@example.com",
+                  recipients=[f"b@d{n}.test"], domain=f"d{n}.test", body=b"Subject: t\r\n\r\nhello\r\n")
+
+
+async def spool_on(url: str, **options: object) -> tuple[RedisConnection, Spool]:
+    connection = RedisConnection(parse_redis_url(url), **options)  # type: ignore[arg-type]
+    await connection.initialize()
+    return connection, Spool(connection, stage_ms=300)
+
+
+async def test_a_single_job_refused_with_451_is_not_delivered(
+        pair: tuple[EmbeddedRedis, EmbeddedRedis], replicated: tuple[aioredis.Redis, aioredis.Redis]) -> None:
+    """A single-domain job is due (and announced) the moment it is stored, before its WAIT returns: a dispatcher
+    claims it during the WAIT, the withdraw then finds it claimed and leaves it, so a message answered 451 is
+    delivered, and the client's retry (451 again while the replica is down) is delivered again, and again."""
+    primary, replica = pair
+    p, _ = replicated
+    connection, spool = await spool_on(primary.url, replica_ack_timeout=0.5)
+    try:
+        await spool.enqueue([job("p", new_queue_id())])
+        await spool.ack("p", (await spool.claim("p", limit=10, visibility_ms=30_000)).jobs)
+        assert replica.process is not None
+        os.kill(replica.process.pid, signal.SIGSTOP)
+        delivered: list[str] = []
+        refused: list[str] = []
+
+        async def dispatcher() -> None:          # what egress does: claim whatever is due, deliver, ack
+            while True:
+                claim = await spool.claim("p", limit=10, visibility_ms=30_000)
+                delivered.extend(j.queue_id for j in claim.jobs)
+                await spool.ack("p", claim.jobs)
+                await asyncio.sleep(0.01)
+
+        worker = asyncio.create_task(dispatcher())
+        try:
+            for _ in range(3):                    # the client retries a 451 three times
+                qid = new_queue_id()
+                try:
+                    await spool.enqueue([job("p", qid)])
+                except SpoolError:
+                    refused.append(qid)
+            await asyncio.sleep(0.2)
+        finally:
+            worker.cancel()
+        assert refused, "expected 451s: the replica is stopped"
+        assert not set(refused) & set(delivered), \
+            f"{len(set(refused) & set(delivered))} of {len(refused)} messages answered 451 were delivered"
+    finally:
+        await connection.aclose()
+
+
+async def test_a_fan_out_refused_by_the_enqueue_timeout_is_not_delivered(
+        pair: tuple[EmbeddedRedis, EmbeddedRedis], replicated: tuple[aioredis.Redis, aioredis.Redis],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The enqueue's overall timeout (ENQUEUE_TIMEOUT: 20 s; 1 s here) fires while the commit record's WAIT is
+    still waiting (here: --replica-ack-timeout 3 s and the replica stalls just then; in production any mix of
+    slow steps, socket timeouts and retries past 20 s). The cancellation skips ``_take_back`` (which runs on
+    SpoolError and Redis errors only), so the commit record written on the primary stays: the client got 451 and
+    the whole message is delivered anyway (and once more from the client's retry). docs/architecture.md: a
+    refused message "has no commit record: its jobs are withdrawn at once"."""
+    from mxgate.spool import store
+
+    primary, replica = pair
+    monkeypatch.setattr(store, "ENQUEUE_TIMEOUT", 1.0)
+    connection, spool = await spool_on(primary.url, replica_ack_timeout=3.0)
+    assert replica.process is not None
+    pid = replica.process.pid
+    real_durable = connection.durable
+
+    async def durable_with_a_stall(key: str, calls: object, **options: object) -> object:
+        if key.endswith(f":commit:{qid}"):   # the replica stalls just as the commit record is written
+            os.kill(pid, signal.SIGSTOP)
+        return await real_durable(key, calls, **options)  # type: ignore[arg-type]
+
+    qid = new_queue_id()
+    monkeypatch.setattr(connection, "durable", durable_with_a_stall)
+    try:
+        warm = new_queue_id()         # a fan-out that goes through: the replica is seen, the scripts are loaded
+        await spool.enqueue([job("domain:a.test", warm, 0), job("domain:b.test", warm, 1)])
+        with pytest.raises(SpoolError, match="longer than"):
+            await spool.enqueue([job("domain:a.test", qid, 0), job("domain:b.test", qid, 1)])
+        os.kill(pid, signal.SIGCONT)
+        await asyncio.sleep(0.4)     # past the 300 ms staging time
+        delivered = []
+        for provider in ("domain:a.test", "domain:b.test"):
+            claim = await spool.claim(provider, limit=10, visibility_ms=30_000)
+            delivered += [j.job_id for j in claim.jobs if j.queue_id == qid]
+        assert delivered == [], f"a message answered 451 is delivered: {delivered}"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        await connection.aclose()
