@@ -67,13 +67,14 @@ def replica_acks(text: str) -> int | None:
     return value
 
 
-def positive_seconds(text: str) -> float:
+def ack_timeout(text: str) -> float:
+    """Seconds to wait for replicas: above 0 and at most 10 (a whole enqueue gives up after 20)."""
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds above 0 and at most 3600")
+    if not 0 < value <= 10:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds above 0 and at most 10")
     return value
 
 
@@ -123,7 +124,7 @@ def _gateway_options(parser: argparse.ArgumentParser, *, with_redis: bool) -> No
     parser.add_argument("--replica-acks", type=replica_acks, default=os.environ.get("MXGATE_REPLICA_ACKS", "auto"),
                         metavar="N|auto", help="replicas that must have a message before it gets 250 (default "
                         "auto: 1 once the primary has a replica, 0 on a lone Redis; $MXGATE_REPLICA_ACKS)")
-    parser.add_argument("--replica-ack-timeout", type=positive_seconds,
+    parser.add_argument("--replica-ack-timeout", type=ack_timeout,
                         default=os.environ.get("MXGATE_REPLICA_ACK_TIMEOUT", "1.0"), metavar="SECONDS",
                         help="how long to wait for those replicas; then 451 4.3.0 (default 1.0; "
                         "$MXGATE_REPLICA_ACK_TIMEOUT)")
@@ -246,7 +247,7 @@ async def _gateway(args: argparse.Namespace) -> None:
 
 
 async def _controller(args: argparse.Namespace) -> None:
-    from mxgate.redisconn import REDIS_ERRORS, RedisConnection, redact
+    from mxgate.redisconn import REDIS_ERRORS, RedisConnection
     from mxgate_operator.filemode import FileController
 
     target = _redis_target(args)
@@ -258,7 +259,7 @@ async def _controller(args: argparse.Namespace) -> None:
         if not args.once:
             await _until_signal(controller.run())
     except REDIS_ERRORS as exc:
-        raise ConfigError(f"cannot reach Redis at {target.redacted}: {redact(str(exc))}") from exc
+        raise ConfigError(f"cannot reach Redis at {target.redacted}: {target.redact(str(exc))}") from exc
     except SpoolError as exc:
         raise ConfigError(str(exc)) from exc
     finally:
@@ -360,7 +361,7 @@ async def _sim(args: argparse.Namespace) -> None:
 async def _status(args: argparse.Namespace) -> None:
     import json
 
-    from mxgate.redisconn import REDIS_ERRORS, RedisConnection, redact
+    from mxgate.redisconn import REDIS_ERRORS, RedisConnection
     from mxgate.status import collect, render_table
 
     target = _redis_target(args)
@@ -370,12 +371,14 @@ async def _status(args: argparse.Namespace) -> None:
         try:
             await connection.initialize()
         except SpoolError as exc:
-            raise ConfigError(f"cannot read status from Redis at {target.redacted}: {exc.__cause__ or exc}") from exc
+            raise ConfigError(f"cannot read status from Redis at {target.redacted}: "
+                              f"{target.redact(str(exc.__cause__ or exc))}") from exc
         while True:
             try:
                 rows = await collect(redis, window=args.window)
             except REDIS_ERRORS as exc:
-                raise ConfigError(f"cannot read status from Redis at {target.redacted}: {redact(str(exc))}") from exc
+                raise ConfigError(f"cannot read status from Redis at {target.redacted}: "
+                                  f"{target.redact(str(exc))}") from exc
             if args.json:
                 print(json.dumps([row.as_dict() for row in rows]), flush=True)
             else:

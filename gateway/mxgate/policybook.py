@@ -38,7 +38,7 @@ from mxgate.policy import (
     Retry,
     Warmup,
 )
-from mxgate.redisconn import REDIS_ERRORS, RedisConnection, redact
+from mxgate.redisconn import REDIS_ERRORS, RedisConnection
 
 log = logging.getLogger("mxgate.policybook")
 
@@ -138,7 +138,7 @@ class PolicyBook:
             pipe.hget(keys.CONTROL, "rev")
             raw, rev = await pipe.execute()
         except REDIS_ERRORS as exc:
-            log.warning("cannot read policies from Redis: %s", redact(str(exc)))
+            log.warning("cannot read policies from Redis: %s", self.connection.target.redact(str(exc)))
             return False
         if rev is None:
             self.loaded = False
@@ -171,7 +171,7 @@ class PolicyBook:
                 pipe.hgetall(keys.limits(provider))
             answers = await pipe.execute()
         except REDIS_ERRORS as exc:
-            log.warning("cannot read effective limits from Redis: %s", redact(str(exc)))
+            log.warning("cannot read effective limits from Redis: %s", self.connection.target.redact(str(exc)))
             return False
         for provider, raw in zip(providers, answers, strict=True):
             before = self.limits(provider)
@@ -207,7 +207,7 @@ class PolicyBook:
                         await self.reload()
                         next_refresh = loop.time() + self.refresh_interval
             except REDIS_ERRORS as exc:
-                log.warning("event subscription lost: %s; retrying", redact(str(exc)))
+                log.warning("event subscription lost: %s; retrying", self.connection.target.redact(str(exc)))
                 await self.connection.refresh()
                 await asyncio.sleep(1.0)
             finally:

@@ -35,8 +35,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -88,7 +89,11 @@ class RedisTarget:
 
     @property
     def redacted(self) -> str:
-        return redact(self.url)
+        return redact(self.url, secrets=[self.password, _url_secret(self.url)])
+
+    def redact(self, text: str) -> str:
+        """``text`` (an error message, say) without this target's password."""
+        return redact(text, secrets=[self.password, _url_secret(self.url)])
 
     def with_password(self, password: str) -> RedisTarget:
         """The same target logging in with ``password`` (from a mounted Secret) instead of the URL's."""
@@ -105,7 +110,8 @@ _SCHEMES: dict[str, tuple[Mode, bool]] = {
 
 def parse_redis_url(url: str) -> RedisTarget:
     """Parse ``--redis-url``; a ConfigError names what is wrong (and never repeats the password)."""
-    shown = redact(url)
+    secret = _url_secret(url)
+    shown = redact(url, secrets=[secret])
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in _SCHEMES:
         raise ConfigError(f"--redis-url {shown!r}: expected one of " + ", ".join(f"{s}://" for s in _SCHEMES))
@@ -114,7 +120,7 @@ def parse_redis_url(url: str) -> RedisTarget:
         try:
             options = parse_url(url)
         except ValueError as exc:
-            raise ConfigError(f"--redis-url {shown!r}: {redact(str(exc))}") from exc
+            raise ConfigError(f"--redis-url {shown!r}: {redact(str(exc), secrets=[secret])}") from exc
         return RedisTarget(mode="single", url=url, db=int(options.get("db") or 0), username=options.get("username"),
                            password=options.get("password"), tls=tls)
     userinfo, at, location = rest.rpartition("@")
@@ -168,19 +174,31 @@ def _db(text: str, shown: str) -> int:
     return db
 
 
-def redact(text: str) -> str:
-    """``text`` (a URL, or an error quoting one) with every password replaced by ``***``."""
-    out = []
-    for word in text.split(" "):
-        scheme, sep, rest = word.partition("://")
-        if sep and "@" in rest.split("/", 1)[0] and ":" in rest.split("@", 1)[0]:
-            user = rest.split("@", 1)[0].split(":", 1)[0]
-            word = f"{scheme}://{user}:***@{rest.split('@', 1)[1]}"
-        elif sep and "password=" in rest:
-            head, _, tail = rest.partition("password=")
-            word = f"{scheme}://{head}password=***" + ("&" + tail.split("&", 1)[1] if "&" in tail else "")
-        out.append(word)
-    return " ".join(out)
+_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(\S*)@")
+_QUERY_PASSWORD = re.compile(r"(password=)[^&\s]*")
+
+
+def redact(text: str, *, secrets: Iterable[str | None] = ()) -> str:
+    """``text`` (a URL, or an error quoting one) with every password replaced by ``***``: the ``secrets`` wherever
+    they appear (as given and percent-quoted), and the user-info of any URL in it (all of it up to the last ``@``:
+    the parsers take a password with ``/`` or ``@`` in it)."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***").replace(quote(secret, safe=""), "***")
+
+    def userinfo(match: re.Match[str]) -> str:
+        user, colon, _ = match.group(2).partition(":")
+        return f"{match.group(1)}{user}:***@" if colon and "/" not in user else f"{match.group(1)}***@"
+
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_USERINFO.sub(userinfo, text))
+
+
+def _url_secret(url: str) -> str:
+    """What a URL's user-info could hide: all of it after the first ``:`` (or all of it, for schemes that take a
+    bare ``secret@`` as the password), up to the last ``@``."""
+    rest = url.partition("://")[2]
+    info = rest.rpartition("@")[0] if "@" in rest else ""
+    return info.partition(":")[2] or info
 
 
 def url_with_password(url: str, password: str) -> str:
@@ -264,11 +282,15 @@ class RedisConnection:
         self.replica_acks = replica_acks  # None: auto
         self.replica_ack_timeout = replica_ack_timeout
         self._common: dict[str, Any] = dict(
-            username=target.username, password=target.password, socket_timeout=socket_timeout,
+            # A WAIT blocks its connection for up to the ack timeout: the read must not time out first.
+            username=target.username, password=target.password,
+            socket_timeout=max(socket_timeout, replica_ack_timeout + 2.0),
             socket_connect_timeout=socket_connect_timeout, health_check_interval=health_check_interval)
         # A pooled connection that died with a restarted (or failed-over) Redis fails its next command: retry it
-        # on a fresh connection. Every mxgate script is safe to run twice (enqueue is idempotent per job id; ack,
-        # defer and renew check tokens), so a command that did run before the error only costs a no-op.
+        # on a fresh connection. A command that did run before the error runs twice: harmless for enqueue
+        # (idempotent per job id), ack, defer, extend and the lease scripts (they check tokens); a claim run twice
+        # leaves the first call's jobs to their visibility lease (a delay, not a loss); a GCRA permit run twice
+        # counts one message twice (the fleet sends a little below its rate for a moment).
         self._retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 3)
         self._replication: dict[tuple[str, int], _NodeReplication] = {}
         self._node_clients: dict[tuple[str, int], aioredis.Redis] = {}
@@ -323,7 +345,7 @@ class RedisConnection:
             else:
                 await self.client.ping()
         except REDIS_ERRORS as exc:
-            raise SpoolError(f"cannot reach Redis at {self.target.redacted}: {redact(str(exc))}") from exc
+            raise SpoolError(f"cannot reach Redis at {self.target.redacted}: {self.target.redact(str(exc))}") from exc
         finally:
             if self._sentinel is not None and self._watcher is None:
                 self._watcher = asyncio.get_running_loop().create_task(self._watch_sentinels())
@@ -354,10 +376,16 @@ class RedisConnection:
         return self.client.pubsub()
 
     async def refresh(self) -> None:
-        """After a connection failure: relearn a cluster's topology (a failover moved its slots)."""
+        """After a connection failure: relearn a cluster's topology (a failover moved its slots), and forget
+        the nodes that left it (pods come back on new addresses: their clients must not pile up)."""
         if isinstance(self.client, RedisCluster):
             with contextlib.suppress(*REDIS_ERRORS):
                 await self.client.nodes_manager.initialize()
+            current = {(node.host, int(node.port)) for node in self.client.get_nodes()}
+            for address in [a for a in self._node_clients if a not in current]:
+                self._replication.pop(address, None)
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await self._node_clients.pop(address).aclose()
 
     # -- durable writes ----------------------------------------------------------------------------------
 
@@ -383,7 +411,7 @@ class RedisConnection:
                 clients[node] = client
         except REDIS_ERRORS as exc:
             await self.refresh()
-            raise SpoolError(f"spool write failed: {redact(str(exc))}") from exc
+            raise SpoolError(f"spool write failed: {self.target.redact(str(exc))}") from exc
         out: list[Durable | None] = [None] * len(groups)
 
         async def on_node(node: tuple[str, int]) -> None:
@@ -418,7 +446,7 @@ class RedisConnection:
                     break
                 await self.refresh()
                 await asyncio.sleep(0.1 * (attempt + 1))
-        raise SpoolError(f"spool write failed: {redact(str(last))}") from last
+        raise SpoolError(f"spool write failed: {self.target.redact(str(last))}") from last
 
     async def _durable_on(self, client: aioredis.Redis, calls: Sequence[ScriptCall], required: int) -> Durable:
         for attempt in range(2):
@@ -449,6 +477,11 @@ class RedisConnection:
             return self._client_for_node((node.host, int(node.port)))
         return ("", 0), self.client
 
+    async def acks_required(self, key: str) -> int:
+        """How many replicas a write to ``key``'s node must reach now (``--replica-acks``, or auto)."""
+        node, client = await self._client_for(key)
+        return await self._required_acks(node, client)
+
     async def _required_acks(self, node: tuple[str, int], client: aioredis.Redis) -> int:
         if self.replica_acks is not None and self.replica_acks <= 0:
             return 0
@@ -464,6 +497,10 @@ class RedisConnection:
         now = time.monotonic()
         if fresh or now - state.checked >= REPLICATION_CHECK_INTERVAL:
             info = await client.info("replication")
+            if node == ("", 0) and self._current_address() != address:
+                # Sentinel: the connection that answered went to a new primary; file it under that one.
+                address = self._current_address()
+                state = self._replication.setdefault(address, _NodeReplication())
             state.checked = now
             state.role = str(info.get("role", "master"))
             replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
@@ -493,7 +530,7 @@ class RedisConnection:
             state = await self._node_replication(("", 0), self.client, fresh=True)
             return self._replication_problems("Redis", state)
         except REDIS_ERRORS as exc:
-            return [f"redis unreachable: {redact(str(exc)) or type(exc).__name__}"]
+            return [f"redis unreachable: {self.target.redact(str(exc)) or type(exc).__name__}"]
 
     async def _cluster_problems(self, cluster: RedisCluster) -> list[str]:
         node = cluster.get_random_node()
@@ -536,15 +573,17 @@ class RedisConnection:
             await asyncio.sleep(SENTINEL_CHECK_INTERVAL)
             try:
                 address = await self._sentinel.discover_master(self.target.master)
+                if pool.master_address is not None and tuple(address) != tuple(pool.master_address):
+                    old = f"{pool.master_address[0]}:{pool.master_address[1]}"
+                    log.warning("redis primary changed", extra={"old": old, "new": f"{address[0]}:{address[1]}"})
+                    pool.master_address = address
+                    # Every connection, in use or not: one still open to the old primary would keep writing there.
+                    await pool.disconnect(inuse_connections=True)
             except REDIS_ERRORS as exc:
-                log.debug("sentinels not answering: %s", redact(str(exc)))
-                continue
-            if pool.master_address is not None and tuple(address) != tuple(pool.master_address):
-                log.warning("redis primary changed", extra={"old": f"{pool.master_address[0]}:{pool.master_address[1]}",
-                                                            "new": f"{address[0]}:{address[1]}"})
-                pool.master_address = address
-                # Every connection, in use or not: one still open to the old primary would keep writing there.
-                await pool.disconnect(inuse_connections=True)
+                log.debug("sentinels not answering: %s", self.target.redact(str(exc)))
+            except Exception:
+                # This loop is what follows failovers: it must outlive anything unexpected.
+                log.exception("following the Sentinel primary failed; trying again")
 
 
 def _transient(exc: BaseException) -> bool:

@@ -44,7 +44,7 @@ from redis.commands.core import AsyncScript
 
 from mxgate import keys
 from mxgate.errors import SpoolError
-from mxgate.redisconn import REDIS_ERRORS, RedisConnection, ScriptCall, redact
+from mxgate.redisconn import REDIS_ERRORS, RedisConnection, ScriptCall
 
 log = logging.getLogger("mxgate.spool")
 
@@ -52,6 +52,7 @@ STAGE_MS = 60_000        # a staged job is not claimable before this (its messag
 # A staged job without a commit record that is older than twice STAGE_MS was never acknowledged.
 COMMIT_TTL = 31 * 86400  # seconds a commit record lives at most: longer than any job (retry.maxAge <= 30d)
 ENQUEUE_TIMEOUT = 20.0   # seconds ingress waits for a whole enqueue; far below STAGE_MS, so no commit comes late
+TAKE_BACK_TIMEOUT = 5.0  # seconds a refused message's withdrawal may take before the 451 goes out anyway
 
 
 def _script(name: str) -> str:
@@ -165,40 +166,59 @@ class Spool:
         and replicated as ``--replica-acks`` asks (what was stored is then withdrawn)."""
         if not jobs:
             return
+        commit_key = keys.commit(jobs[0].provider, jobs[0].queue_id) if len(jobs) > 1 else None
         try:
             async with asyncio.timeout(ENQUEUE_TIMEOUT):
                 await self._register(job.provider for job in jobs)
-                if len(jobs) == 1:
-                    await self._store(jobs, stage_ms=0)
+                if commit_key is None:
+                    await self._enqueue_one(jobs[0])
                 else:
-                    await self._enqueue_staged(jobs)
-        except TimeoutError as exc:
-            raise SpoolError(f"spool write took longer than {ENQUEUE_TIMEOUT:.0f} s") from exc
-        except REDIS_ERRORS as exc:
-            raise SpoolError(f"spool unavailable: {redact(str(exc))}") from exc
+                    await self._enqueue_staged(jobs, commit_key)
+        except BaseException as exc:
+            # Refused, out of time or cancelled (the session went): nothing of the message may count, or the
+            # client's retry would deliver it twice. Shielded: a cancellation must not cut the take-back short.
+            await asyncio.shield(self._take_back(jobs, commit_key))
+            if isinstance(exc, TimeoutError):
+                raise SpoolError(f"spool write took longer than {ENQUEUE_TIMEOUT:.0f} s") from exc
+            if isinstance(exc, REDIS_ERRORS):
+                raise SpoolError(f"spool unavailable: {self.connection.target.redact(str(exc))}") from exc
+            raise
 
-    async def _enqueue_staged(self, jobs: Sequence[NewJob]) -> None:
-        commit_key = keys.commit(jobs[0].provider, jobs[0].queue_id)
+    async def _enqueue_one(self, job: NewJob) -> None:
+        """One job: one script call. While replicas are asked (WAIT), the job is not claimable, so a job whose
+        replication falls short is withdrawn before any worker can take it; then it is made due at once."""
+        stage_ms = 0
+        if await self.connection.acks_required(keys.queue(job.provider)):
+            stage_ms = int(self.connection.replica_ack_timeout * 2000) + 2000
+        await self._store([job], stage_ms=stage_ms)
+        if stage_ms:
+            await self._promote([job])
+
+    async def _enqueue_staged(self, jobs: Sequence[NewJob], commit_key: str) -> None:
         staged = [replace(job, commit=commit_key) for job in jobs]
         await self._store(staged, stage_ms=self.stage_ms)
-        try:
-            durable = await self.connection.durable(commit_key, [self._call("commit", [commit_key], [COMMIT_TTL])])
-            if not durable.replicated:
-                raise _NotReplicated(durable.replicas, durable.required)
-        except (SpoolError, *REDIS_ERRORS) as exc:
-            await self._take_back(staged, commit_key)
-            raise SpoolError(f"message not committed: {exc}") from exc
+        durable = await self.connection.durable(commit_key, [self._call("commit", [commit_key], [COMMIT_TTL])])
+        if not durable.replicated:
+            raise _NotReplicated(durable.replicas, durable.required)
         # Committed: the message counts now. Make its jobs due at once (best effort: a job not promoted is
         # claimed after STAGE_MS and finds the commit record).
+        if await self._promote(staged):
+            # Every job is an ordinary one now: nobody will ask the record again.
+            try:
+                await self.connection.durable(commit_key, [self._call("uncommit", [commit_key], [])], wait=False)
+            except SpoolError as exc:
+                log.warning("commit record not deleted (it expires): %s", exc)
+
+    async def _promote(self, jobs: Sequence[NewJob]) -> bool:
+        """Make staged jobs due now; True if every one was. Best effort: a staged job is due after its stage."""
         try:
             promoted = await self.connection.durable_many([(keys.queue(provider), [
                 self._call("promote", _job_keys(job), [job.job_id, keys.EVENTS, f"{keys.EVENT_WAKE} {provider}"])
-                for job in group]) for provider, group in _by_provider(staged).items()], wait=False)
-            if all(int(result) == 1 for outcome in promoted for result in outcome.results):
-                # Every job is an ordinary one now: nobody will ask the record again.
-                await self.connection.durable(commit_key, [self._call("uncommit", [commit_key], [])], wait=False)
-        except (SpoolError, *REDIS_ERRORS) as exc:
-            log.warning("staged jobs not promoted (they are claimed after %d s): %s", self.stage_ms // 1000, exc)
+                for job in group]) for provider, group in _by_provider(jobs).items()], wait=False)
+        except SpoolError as exc:
+            log.warning("staged jobs not promoted (they become due by themselves): %s", exc)
+            return False
+        return all(int(result) == 1 for outcome in promoted for result in outcome.results)
 
     async def _store(self, jobs: Sequence[NewJob], *, stage_ms: int) -> None:
         """Write ``jobs`` (one script call each, one pipeline per Redis node) and wait for their replicas."""
@@ -206,28 +226,24 @@ class Spool:
             self._call("enqueue", _job_keys(job), [job.job_id, keys.EVENTS, f"{keys.EVENT_WAKE} {provider}",
                                                     stage_ms, *job.fields()]) for job in group])
             for provider, group in _by_provider(jobs).items()]
-        try:
-            outcomes = await self.connection.durable_many(groups)
-        except SpoolError:
-            await self._take_back(jobs, None)
-            raise
+        outcomes = await self.connection.durable_many(groups)
         short = [outcome for outcome in outcomes if not outcome.replicated]
         if short:
-            await self._take_back(jobs, None)
             raise _NotReplicated(short[0].replicas, short[0].required)
 
     async def _take_back(self, jobs: Sequence[NewJob], commit_key: str | None) -> None:
         """Withdraw what a refused message left behind, so the client's retry does not duplicate it."""
         try:
-            if commit_key is not None:
-                await self.connection.durable(commit_key, [self._call("uncommit", [commit_key], [])], wait=False)
-            await self.connection.durable_many([(keys.queue(provider), [
-                self._call("withdraw", _job_keys(job), [job.job_id]) for job in group])
-                for provider, group in _by_provider(jobs).items()], wait=False)
-        except (SpoolError, *REDIS_ERRORS) as exc:
+            async with asyncio.timeout(TAKE_BACK_TIMEOUT):
+                if commit_key is not None:
+                    await self.connection.durable(commit_key, [self._call("uncommit", [commit_key], [])], wait=False)
+                await self.connection.durable_many([(keys.queue(provider), [
+                    self._call("withdraw", _job_keys(job), [job.job_id]) for job in group])
+                    for provider, group in _by_provider(jobs).items()], wait=False)
+        except (SpoolError, TimeoutError, *REDIS_ERRORS) as exc:
             # Staged jobs without a commit record are deleted by the claim that finds them; a single job
             # that stays will be delivered (the client's retry is then a duplicate, never a loss).
-            log.warning("could not withdraw the jobs of a refused message: %s", exc)
+            log.warning("could not withdraw the jobs of a refused message: %s", exc or type(exc).__name__)
 
     async def _register(self, providers: Iterable[str]) -> None:
         """Add providers to the index the dispatchers scan, at most once a minute per provider per process."""
@@ -263,7 +279,7 @@ class Spool:
                 if any(job.commit for job in jobs):
                     jobs = await self._resolve_staged(jobs, now_ms)
         except REDIS_ERRORS as exc:
-            raise SpoolError(f"claim failed: {redact(str(exc))}") from exc
+            raise SpoolError(f"claim failed: {self.connection.target.redact(str(exc))}") from exc
         return Claim(jobs=jobs, now_ms=now_ms, next_due_ms=None if next_due < 0 else next_due)
 
     async def _resolve_staged(self, jobs: list[Job], now_ms: int) -> list[Job]:
@@ -298,7 +314,7 @@ class Spool:
                 keys=[keys.queue(provider), keys.claims(provider), *(keys.job(provider, j.job_id) for j in batch)],
                 args=[*(j.job_id for j in batch), *(j.token for j in batch)]))
         except REDIS_ERRORS as exc:
-            raise SpoolError(f"ack failed: {redact(str(exc))}") from exc
+            raise SpoolError(f"ack failed: {self.connection.target.redact(str(exc))}") from exc
 
     async def defer(self, job: Job, *, delay_ms: int, attempts: int | None = None, last_reply: str | None = None,
                     recipients: Sequence[str] | None = None) -> bool:
@@ -316,7 +332,7 @@ class Spool:
                 keys=[keys.queue(job.provider), keys.claims(job.provider), keys.job(job.provider, job.job_id)],
                 args=[job.job_id, job.token, max(0, delay_ms), *fields]))
         except REDIS_ERRORS as exc:
-            raise SpoolError(f"defer failed: {redact(str(exc))}") from exc
+            raise SpoolError(f"defer failed: {self.connection.target.redact(str(exc))}") from exc
 
     async def release(self, job: Job) -> bool:
         """Hand a claimed, unattempted job back at once (shutdown, local back-pressure)."""
@@ -331,7 +347,7 @@ class Spool:
         try:
             return int(await self._scripts["extend"](keys=[keys.queue(provider), keys.claims(provider)], args=args))
         except REDIS_ERRORS as exc:
-            raise SpoolError(f"extend failed: {redact(str(exc))}") from exc
+            raise SpoolError(f"extend failed: {self.connection.target.redact(str(exc))}") from exc
 
     async def move(self, job: Job, provider: str) -> None:
         """Move a claimed job to another provider's queue: enqueue there first, then ack here, so a crash
@@ -343,13 +359,13 @@ class Spool:
         try:
             return int(await self.redis.zcard(keys.queue(provider)))
         except REDIS_ERRORS as exc:
-            raise SpoolError(f"depth failed: {redact(str(exc))}") from exc
+            raise SpoolError(f"depth failed: {self.connection.target.redact(str(exc))}") from exc
 
     async def providers(self) -> set[str]:
         try:
             members = await self.redis.smembers(keys.PROVIDERS)
         except REDIS_ERRORS as exc:
-            raise SpoolError(f"providers failed: {redact(str(exc))}") from exc
+            raise SpoolError(f"providers failed: {self.connection.target.redact(str(exc))}") from exc
         return {m.decode() if isinstance(m, bytes) else m for m in members}
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from mxgate import keys
 from mxgate.embedded_redis import EmbeddedRedis
 from mxgate.errors import SpoolError
 from mxgate.redisconn import RedisConnection, parse_redis_url
@@ -143,3 +144,81 @@ async def test_a_fan_out_refused_by_the_enqueue_timeout_is_not_delivered(
     finally:
         os.kill(pid, signal.SIGCONT)
         await connection.aclose()
+
+
+# -- a WAIT cut off and retried: the replayed write still waits for the original (Redis moves a connection's
+# wait point on every EVALSHA, even one that writes nothing); checked here because mxgate relies on it.
+
+
+async def _kill_waiting_clients(p: aioredis.Redis) -> int:
+    """CLIENT KILL every connection blocked in WAIT (a network cut of the gateway's connection)."""
+    killed = 0
+    for client in await p.client_list():
+        if client.get("cmd") == "wait":
+            await p.client_kill_filter(_id=client["id"])
+            killed += 1
+    return killed
+
+
+async def _lost_on_failover(pair: tuple[EmbeddedRedis, EmbeddedRedis], job_key: str) -> bool:
+    """Kill -9 the primary while the replica is stopped, then promote the replica: is ``job_key`` gone?"""
+    primary, replica = pair
+    assert primary.process is not None and replica.process is not None
+    primary.stop(kill=True)
+    os.kill(replica.process.pid, signal.SIGCONT)
+    r = aioredis.Redis.from_url(replica.url)
+    try:
+        await r.replicaof("no", "one")
+        return bool(await r.exists(job_key) == 0)
+    finally:
+        await r.aclose()
+
+
+async def test_a_wait_cut_off_and_retried_does_not_count_a_stalled_replica(
+        pair: tuple[EmbeddedRedis, EmbeddedRedis], replicated: tuple[aioredis.Redis, aioredis.Redis]) -> None:
+    """Defaults (--replica-acks auto, 1 s): the enqueue ran, its WAIT is cut off, redis-py retries the pipeline on a
+    fresh connection; the replayed enqueue writes nothing (the job exists), so WAIT on the new connection has no
+    offset to wait for and counts the stalled replica at once. The message gets 250 and is lost on failover."""
+    primary, replica = pair
+    p, _ = replicated
+    connection, spool = await spool_on(primary.url, replica_ack_timeout=1.0)
+    try:
+        await spool.enqueue([job("p", new_queue_id())])       # the replica is seen: auto requires 1
+        assert replica.process is not None
+        os.kill(replica.process.pid, signal.SIGSTOP)          # hung / partitioned: still "online" for a while
+        qid = new_queue_id()
+        enqueue = asyncio.create_task(spool.enqueue([job("p", qid)]))
+        await eventually(lambda: _kill_waiting_clients(p), timeout=5, what="the enqueue's WAIT")
+        answered_250 = True
+        try:
+            await enqueue
+        except SpoolError:
+            answered_250 = False
+        lost = await _lost_on_failover(pair, keys.job("p", f"{qid}.0"))
+        assert not (answered_250 and lost), "answered 250, but the replica never had the job: lost on failover"
+    finally:
+        await connection.aclose()
+
+
+async def test_a_replica_ack_timeout_above_the_socket_timeout_gives_250_without_a_replica(
+        pair: tuple[EmbeddedRedis, EmbeddedRedis], replicated: tuple[aioredis.Redis, aioredis.Redis]) -> None:
+    """--replica-ack-timeout 6 with the 5 s socket timeout (here 1.5 s against 1 s, to be quick): the WAIT of a
+    stalled replica outlasts the socket, redis-py retries the pipeline, and the retry's WAIT counts the replica."""
+    primary, replica = pair
+    connection, spool = await spool_on(primary.url, replica_ack_timeout=1.5, socket_timeout=1.0)
+    try:
+        await spool.enqueue([job("p", new_queue_id())])
+        assert replica.process is not None
+        os.kill(replica.process.pid, signal.SIGSTOP)
+        qid = new_queue_id()
+        answered_250 = True
+        try:
+            await spool.enqueue([job("p", qid)])
+        except SpoolError:
+            answered_250 = False
+        lost = await _lost_on_failover(pair, keys.job("p", f"{qid}.0"))
+        assert not (answered_250 and lost), "answered 250, but the replica never had the job: lost on failover"
+    finally:
+        await connection.aclose()
+
+
