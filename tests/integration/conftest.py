@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from mxgate.embedded_redis import EmbeddedRedis
+from support.procs import eventually
 from support.redistopo import ClusterSet, RedisProcesses, SentinelSet
 
 
@@ -39,3 +43,35 @@ def sentinel_set(redis_topologies: RedisProcesses) -> SentinelSet:
 def cluster_set(redis_topologies: RedisProcesses) -> ClusterSet:
     """Three primaries with a replica each, cluster_state:ok everywhere, no password (about 2 s to start)."""
     return redis_topologies.cluster_set()
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[EmbeddedRedis, EmbeddedRedis]]:
+    """Two redis-servers of this test's own, to be made a primary and its replica (``replicated``)."""
+    primary = EmbeddedRedis(tmp_path / "primary").start()
+    replica = EmbeddedRedis(tmp_path / "replica").start()
+    try:
+        yield primary, replica
+    finally:
+        if replica.process is not None and replica.process.poll() is None:
+            os.kill(replica.process.pid, signal.SIGCONT)
+        replica.stop()
+        primary.stop()
+
+
+@pytest.fixture
+async def replicated(pair: tuple[EmbeddedRedis, EmbeddedRedis]
+                     ) -> AsyncIterator[tuple[aioredis.Redis, aioredis.Redis]]:
+    """``pair`` linked (REPLICAOF) and in sync; clients to the primary and the replica."""
+    primary, replica = pair
+    p, r = aioredis.Redis.from_url(primary.url), aioredis.Redis.from_url(replica.url)
+    await r.replicaof(primary.host, primary.port)
+
+    async def linked() -> bool:
+        info = await p.info("replication")
+        return bool(info["connected_slaves"] == 1 and info["slave0"]["state"] == "online")
+
+    await eventually(linked, timeout=15, what="the replica to sync")
+    yield p, r
+    await p.aclose()
+    await r.aclose()

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -18,49 +16,9 @@ import redis.asyncio as aioredis
 from mxgate import keys
 from mxgate.embedded_redis import EmbeddedRedis
 from mxgate.errors import SpoolError
-from mxgate.redisconn import RedisConnection, parse_redis_url
-from mxgate.spool.store import NewJob, Spool, new_queue_id
+from mxgate.spool.store import new_queue_id
 from support.procs import eventually
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[EmbeddedRedis, EmbeddedRedis]]:
-    primary = EmbeddedRedis(tmp_path / "primary").start()
-    replica = EmbeddedRedis(tmp_path / "replica").start()
-    try:
-        yield primary, replica
-    finally:
-        if replica.process is not None and replica.process.poll() is None:
-            os.kill(replica.process.pid, signal.SIGCONT)
-        replica.stop(kill=True)
-        primary.stop(kill=True)
-
-
-@pytest.fixture
-async def replicated(pair: tuple[EmbeddedRedis, EmbeddedRedis]) -> AsyncIterator[tuple[aioredis.Redis, aioredis.Redis]]:
-    primary, replica = pair
-    p, r = aioredis.Redis.from_url(primary.url), aioredis.Redis.from_url(replica.url)
-    await r.replicaof(primary.host, primary.port)
-
-    async def linked() -> bool:
-        info = await p.info("replication")
-        return bool(info["connected_slaves"] == 1 and info["slave0"]["state"] == "online")
-
-    await eventually(linked, timeout=15, what="the replica to sync")
-    yield p, r
-    await p.aclose()
-    await r.aclose()
-
-
-def job(provider: str, qid: str, n: int = 0) -> NewJob:
-    return NewJob(provider=provider, job_id=f"{qid}.{n}", queue_id=qid, sender="a@example.com",
-                  recipients=[f"b@d{n}.test"], domain=f"d{n}.test", body=b"Subject: t\r\n\r\nhello\r\n")
-
-
-async def spool_on(url: str, **options: object) -> tuple[RedisConnection, Spool]:
-    connection = RedisConnection(parse_redis_url(url), **options)  # type: ignore[arg-type]
-    await connection.initialize()
-    return connection, Spool(connection, stage_ms=300)
+from support.replication import job, spool_on
 
 
 async def test_a_single_job_refused_with_451_is_not_delivered(
