@@ -181,6 +181,8 @@ class Gateway:
         loop = asyncio.get_running_loop()
         try:
             await self.connection.initialize()
+            if moved := await self.spool.adopt_old_provider_index():
+                log.info("provider index of mxgate 0.1 adopted", extra={"providers": moved})
         except SpoolError as exc:
             # Not fatal: Redis may come up after us; until then /readyz says why and ingress answers 451.
             log.warning("%s", exc)

@@ -116,3 +116,13 @@ async def test_move_to_other_provider(
 async def test_keys_of_a_provider_share_one_hash_tag() -> None:
     assert keys.queue("microsoft").split("{")[1].split("}")[0] == "p:microsoft"
     assert keys.job("microsoft", "X.0").split("{")[1].split("}")[0] == "p:microsoft"
+
+
+async def test_the_provider_index_of_mxgate_0_1_is_adopted(
+        redis_client: aioredis.Redis, redis_connection: RedisConnection) -> None:
+    await redis_client.sadd("mxg:providers", "microsoft", "domain:example.org")
+    spool = Spool(redis_connection)
+    assert await spool.adopt_old_provider_index() == 2
+    assert await spool.providers() == {"microsoft", "domain:example.org"}
+    assert await redis_client.exists("mxg:providers") == 0
+    assert await spool.adopt_old_provider_index() == 0

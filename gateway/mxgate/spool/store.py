@@ -254,6 +254,20 @@ class Spool:
             for provider in new:
                 self._registered[provider] = now + 60.0
 
+    async def adopt_old_provider_index(self) -> int:
+        """Mail queued by mxgate 0.1 is listed in ``mxg:providers`` (before the fleet keys had a hash tag): move
+        those providers into the index the dispatchers scan, so an upgrade leaves no queue unscanned. Returns how
+        many were moved; a no-op once done."""
+        old = f"{keys.PREFIX}:providers"
+        try:
+            members = await self.redis.smembers(old)
+            if members:
+                await self.redis.sadd(keys.PROVIDERS, *members)
+                await self.redis.delete(old)
+        except REDIS_ERRORS as exc:
+            raise SpoolError(f"provider index not migrated: {self.connection.target.redact(str(exc))}") from exc
+        return len(members)
+
     # -- claims --------------------------------------------------------------------------------------------
 
     async def claim(self, provider: str, *, limit: int, visibility_ms: int) -> Claim:
