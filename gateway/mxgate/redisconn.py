@@ -38,7 +38,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -97,8 +97,7 @@ class RedisTarget:
 
     def with_password(self, password: str) -> RedisTarget:
         """The same target logging in with ``password`` (from a mounted Secret) instead of the URL's."""
-        return RedisTarget(mode=self.mode, url=self.url, nodes=self.nodes, master=self.master, db=self.db,
-                           username=self.username, password=password, tls=self.tls)
+        return replace(self, password=password)
 
 
 _SCHEMES: dict[str, tuple[Mode, bool]] = {
@@ -333,10 +332,6 @@ class RedisConnection:
         assert isinstance(client, aioredis.Redis)
         return client
 
-    @property
-    def mode(self) -> Mode:
-        return self.target.mode
-
     async def initialize(self) -> None:
         """Connect: learn a cluster's slots, start following a Sentinel primary. Raises SpoolError if unreachable."""
         try:
@@ -469,12 +464,12 @@ class RedisConnection:
 
     async def _client_for(self, key: str) -> tuple[tuple[str, int], aioredis.Redis]:
         if isinstance(self.client, RedisCluster):
-            if not self.client.nodes_manager.slots_cache:
-                await self.client.initialize()
+            await self.ensure()
             node = self.client.get_node_from_key(key)
             if node is None:
                 raise RedisConnectionError(f"no cluster node serves the slot of {key}")
-            return self._client_for_node((node.host, int(node.port)))
+            address = (node.host, int(node.port))
+            return address, self._client_for_node(address)
         return ("", 0), self.client
 
     async def acks_required(self, key: str) -> int:
@@ -483,12 +478,13 @@ class RedisConnection:
         return await self._required_acks(node, client)
 
     async def _required_acks(self, node: tuple[str, int], client: aioredis.Redis) -> int:
-        if self.replica_acks is not None and self.replica_acks <= 0:
-            return 0
-        state = await self._node_replication(node, client)
         if self.replica_acks is not None:
-            return self.replica_acks
-        return 1 if state.ever else 0
+            return self.replica_acks   # a number given: nothing to look up
+        return self._required(await self._node_replication(node, client))
+
+    def _required(self, state: _NodeReplication) -> int:
+        """``--replica-acks``, or auto: 1 once this primary has had a replica."""
+        return self.replica_acks if self.replica_acks is not None else min(1, state.ever)
 
     async def _node_replication(self, node: tuple[str, int], client: aioredis.Redis, *,
                                 fresh: bool = False) -> _NodeReplication:
@@ -541,24 +537,23 @@ class RedisConnection:
         problems = []
         for primary in cluster.get_primaries():
             address = (primary.host, int(primary.port))
-            _, client = self._client_for_node(address)
-            state = await self._node_replication(address, client, fresh=True)
+            state = await self._node_replication(address, self._client_for_node(address), fresh=True)
             problems += self._replication_problems(f"Redis {primary.name}", state)
         return problems
 
-    def _client_for_node(self, address: tuple[str, int]) -> tuple[tuple[str, int], aioredis.Redis]:
+    def _client_for_node(self, address: tuple[str, int]) -> aioredis.Redis:
         """A plain client for one cluster node: WAIT must follow the writes on the same connection."""
         client = self._node_clients.get(address)
         if client is None:
             client = self._node_clients[address] = aioredis.Redis(
                 host=address[0], port=address[1], ssl=self.target.tls, retry=Retry(ExponentialBackoff(), 0),
                 **self._common)
-        return address, client
+        return client
 
     def _replication_problems(self, name: str, state: _NodeReplication) -> list[str]:
         if state.role != "master":
             return [f"{name} is a {state.role}, not a writable primary"]
-        required = self.replica_acks if self.replica_acks is not None else (1 if state.ever else 0)
+        required = self._required(state)
         if state.connected < required:
             return [f"{name} has {state.connected} connected replica(s); --replica-acks needs {required}"]
         return []
