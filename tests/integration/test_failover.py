@@ -167,7 +167,6 @@ async def test_sentinel_partitioned_primary_gets_no_250_that_its_demotion_would_
     topology = redis_topologies.sentinel_set()
     fleet = await Fleet(procs, tmp_path, sentinel_url(topology), sink, password=None, connections=2).start()
     sender = Sender(fleet.ports, 1500, concurrency=20, rate=120, rcpt=RCPT)
-    demoted: list[float] = []
 
     async def partition_then_heal() -> None:
         old = topology.partition_primary()          # the gateways still reach it; its replicas and sentinels not
@@ -177,7 +176,6 @@ async def test_sentinel_partitioned_primary_gets_no_250_that_its_demotion_would_
         old_node = topology.node_at(old)
         await wait_until(lambda: _role(old_node) == "slave", timeout=60,
                          what=f"the old primary to become a replica of {new}")
-        demoted.append(time.monotonic())
 
     struck_at = await send_through(fleet, sender, partition_then_heal, after=300)
     gap = ingest_gap(sender, struck_at)
