@@ -27,12 +27,14 @@ from mxgate.egress.engine import DeliveryEngine, EngineSettings
 from mxgate.errors import ConfigError, SpoolError
 from mxgate.ingress.auth import Authenticator, Credentials
 from mxgate.ingress.handler import IngressHandler, IngressPolicy, IPNetwork
+from mxgate.ingress.selfcheck import probe_host, smtp_problem
 from mxgate.ingress.smtp import IngressSMTP
 from mxgate.limits.fleet import FleetLimiter
 from mxgate.policybook import PolicyBook
 from mxgate.redisconn import RedisConnection, parse_redis_url
 from mxgate.routing.dns import MxResolver
 from mxgate.routing.router import Router
+from mxgate.smtpwire import writable
 from mxgate.spool.store import Spool
 from mxgate.tasks import cancel_and_wait
 from mxgate.telemetry.fleet import TelemetryRecorder
@@ -99,6 +101,15 @@ class GatewaySettings:
     """Use STARTTLS towards next hops that offer it (opportunistic, unverified)."""
 
 
+class RefuseSession(asyncio.Protocol):
+    """What a client gets when its SMTP session cannot be set up: a 421 and the connection closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        stream = writable(transport)
+        stream.write(b"421 4.3.0 Cannot start an SMTP session here, try again later\r\n")
+        stream.close()
+
+
 class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
@@ -148,7 +159,18 @@ class Gateway:
             raise ConfigError(f"cannot load TLS certificate {cert} / key {key}: {exc}") from exc
         return context
 
-    def _protocol(self) -> SMTP:
+    def _protocol(self) -> asyncio.Protocol:
+        # Never raise from here: on uvloop one exception from a protocol factory stops the listener
+        # for good (measured: every later client waits for a greeting that never comes), so a bug in
+        # session set-up would turn into an outage. Such a client gets 421 and the next one a new try.
+        try:
+            return self._session()
+        except Exception:
+            log.exception("cannot start an SMTP session")
+            self.metrics.internal_error("ingress")
+            return RefuseSession()
+
+    def _session(self) -> SMTP:
         smtp = IngressSMTP(
             self.handler, authenticator=self.authenticator, hostname=self.settings.hostname,
             ident="mxgate ESMTP", tls_context=self.tls_context, data_size_limit=self.settings.max_message_size,
@@ -166,16 +188,28 @@ class Gateway:
         return smtp
 
     async def readiness(self) -> list[str]:
+        """Why this gateway should get no traffic now (empty: ready). Redis and SMTP are checked at once."""
         problems = []
         if self.stopping:
             problems.append("shutting down")
-        try:
-            problems += await asyncio.wait_for(self.connection.problems(), timeout=2.0)
-        except TimeoutError:
-            problems.append("redis did not answer within 2 s")
+        redis_problems, smtp = await asyncio.gather(self._redis_problems(), self._smtp_problem())
+        problems += redis_problems
         if not self.book.loaded:
             problems.append("no policies published yet (is `mxgate controller` or the operator running?)")
+        if smtp is not None:
+            problems.append(smtp)
         return problems
+
+    async def _redis_problems(self) -> list[str]:
+        try:
+            return await asyncio.wait_for(self.connection.problems(), timeout=2.0)
+        except TimeoutError:
+            return ["redis did not answer within 2 s"]
+
+    async def _smtp_problem(self) -> str | None:
+        if self.server is None or not self.server.is_serving():
+            return None if self.stopping else "SMTP listener not open"
+        return await smtp_problem(probe_host(self.settings.listen[0]), self.port, timeout=2.0)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

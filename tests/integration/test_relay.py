@@ -12,6 +12,7 @@ import pytest
 from mxgate.embedded_redis import EmbeddedRedis
 from mxgate.policy import Retry
 from support.gateway import policy, publish, running_gateway
+from support.procs import eventually
 from support.sink import Sink, SinkHandler
 
 
@@ -122,3 +123,56 @@ async def test_readyz_and_metrics(redis_server: EmbeddedRedis, redis_client, sin
             delivered = [line for line in text.splitlines() if line.startswith("mxgate_recipients_total{")
                          and 'outcome="delivered"' in line and 'provider="p"' in line]
             assert delivered and float(delivered[0].rsplit(" ", 1)[1]) >= 1
+
+
+
+async def _readyz(http: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    async with http.get(url + "/readyz") as r:
+        return r.status, await r.text()
+
+
+async def test_readyz_fails_when_smtp_sessions_die(redis_server: EmbeddedRedis, sink: Sink,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis and policies fine, but every SMTP connection dropped (Debian 3.11.2's crash): never ready."""
+    from mxgate.ingress.smtp import IngressSMTP
+
+    await publish(redis_server.url, [policy("p", domains=["outlook.test"], route=[f"127.0.0.1:{sink.port}"])])
+    async with running_gateway(redis_server.url) as gw, aiohttp.ClientSession() as http:
+        assert gw.health is not None
+        url = f"http://127.0.0.1:{gw.health.bound_port}"
+
+        async def ready() -> bool:
+            return (await _readyz(http, url))[0] == 200
+
+        await eventually(ready, timeout=10, what="/readyz 200")
+
+        def crash(self: IngressSMTP, *args: object, **kwargs: object) -> None:
+            raise TypeError("descriptor '__weakref__' for 'IngressHandler' objects doesn't apply")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(IngressSMTP, "__init__", crash)
+            status, body = await _readyz(http, url)
+            assert status == 503 and "SMTP self-check" in body, body
+            # The client is told, and the listener survives it (on uvloop an exception from the protocol
+            # factory stopped it for good).
+            client = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.port, timeout=5)
+            with pytest.raises(aiosmtplib.SMTPConnectResponseError) as refused:
+                await client.connect()
+            assert refused.value.code == 421
+        assert await ready()
+
+        # EHLO answered with an error (a handler hook that raises): not ready either.
+        async def broken_ehlo(server: object, session: object, envelope: object, hostname: str,
+                              responses: list[str]) -> list[str]:
+            raise RuntimeError("hook broke")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(gw.handler, "handle_EHLO", broken_ehlo)
+            status, body = await _readyz(http, url)
+            assert status == 503 and "EHLO answered 5" in body, body
+
+        assert await ready()
+        assert gw.server is not None
+        gw.server.close()  # the listener closed by mistake
+        status, body = await _readyz(http, url)
+        assert status == 503 and "SMTP listener not open" in body, body

@@ -65,7 +65,11 @@ def has_bare_line_ending(data: bytes) -> bool:
     return data.count(b"\n") != crlf or data.count(b"\r") != crlf
 
 
-@dataclass(slots=True)
+# No slots=True here: aiosmtpd runs inspect.getmembers() on the handler for every connection, and on
+# Debian 12's CPython 3.11.2 that raises TypeError on a slots dataclass (the slotted class keeps the
+# original class's __weakref__ descriptor; a CPython bug fixed in later 3.11 releases).
+# tests/unit/test_handler_introspection.py holds the rule; CI also runs on Debian's own python3.
+@dataclass
 class IngressHandler:
     policy: IngressPolicy
     spool: Spool

@@ -1,8 +1,9 @@
 """HTTP endpoints for Kubernetes and Prometheus: /healthz, /readyz, /metrics.
 
 ``/healthz`` answers 200 while the event loop runs (a wedged loop cannot answer, which is the point).
-``/readyz`` answers 200 only when Redis answers PING, a controller has published policies, and the
-process is not shutting down; otherwise 503 with the reasons as JSON, so ``kubectl describe`` shows why.
+``/readyz`` answers 200 only when Redis is a writable primary with the replicas it needs, a controller
+has published policies, the process's own SMTP listener greets and answers EHLO, and the process is not
+shutting down; otherwise 503 with the reasons as JSON, so ``kubectl describe`` shows why.
 """
 
 from __future__ import annotations
