@@ -16,12 +16,14 @@ ensure_debian_packages() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
-# ensure_venv SPEC — a virtualenv in .venv with the project installed (editable) with SPEC's extras.
+# ensure_venv SPEC [DIR [PYTHON]] — a virtualenv in DIR (default .venv, made by PYTHON, default python3)
+# with the project installed (editable) with SPEC's extras.
 ensure_venv() {
-  if [ ! -x .venv/bin/python ]; then
-    echo "== creating .venv" >&2
-    python3 -m venv .venv
+  local dir=${2:-.venv} python=${3:-python3}
+  if [ ! -x "$dir/bin/python" ]; then
+    echo "== creating $dir with $("$python" --version 2>&1) ($python)" >&2
+    "$python" -m venv "$dir"
   fi
-  echo "== installing mxgate into .venv" >&2
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e "$1"
+  echo "== installing mxgate into $dir" >&2
+  "$dir/bin/python" -m pip install -q --disable-pip-version-check -e "$1"
 }
