@@ -5,8 +5,10 @@
 # Stage 1 builds mxgate's wheel and installs it, with its dependencies, into a virtualenv; stage 2 is a clean
 # python:slim with only that virtualenv copied in: no compiler, no pip cache, no source tree. It runs as the
 # non-root user 10001 (the Helm chart's runAsUser) and works with a read-only root filesystem.
-# Nothing here has been built on the machines this repository is developed on (they have no Docker engine);
-# hadolint checks it in the test command's lint step.
+# Without a Docker engine, `bash .ci/image` builds this same file with buildah on a Debian bookworm base made
+# by debootstrap (PYTHON_IMAGE set to it; Debian's python3 linked where the official image keeps it) and
+# writes an OCI archive; the test command does that and runs the image in a real single-node cluster
+# (tests/e2e). hadolint checks this file in the lint step.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
