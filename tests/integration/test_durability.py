@@ -85,13 +85,22 @@ async def spool_depth(redis: EmbeddedRedis) -> int:
         await client.aclose()
 
 
-async def leased_jobs(redis: EmbeddedRedis) -> int:
-    """Jobs held under a claim lease (due later than now, by Redis time): no retries happen in these tests."""
-    client = aioredis.Redis.from_url(redis.url)
+async def leased_jobs(redis: EmbeddedRedis) -> list[str]:
+    """Jobs not due now (by Redis time), each described: held under a claim lease, or rescheduled (attempts
+    and last reply), so that a failure says which. No retries are expected in these tests."""
+    client = aioredis.Redis.from_url(redis.url, decode_responses=True)
     try:
         seconds, micros = await client.time()
         now_ms = seconds * 1000 + micros // 1000
-        return int(await client.zcount(keys.queue(PROVIDER), f"({now_ms + 100}", "+inf"))
+        later = await client.zrangebyscore(keys.queue(PROVIDER), f"({now_ms + 100}", "+inf", withscores=True)
+        claims = await client.hgetall(keys.claims(PROVIDER))
+        described = []
+        for job_id, due in later:
+            job = await client.hgetall(keys.job(PROVIDER, job_id))
+            state = "claimed" if job_id in claims else "not claimed"
+            described.append(f"{job_id} due in {int(due) - now_ms} ms, {state}, attempts={job.get('attempts')}"
+                             f" last={job.get('last') or '-'}")
+        return described
     finally:
         await client.aclose()
 
@@ -324,7 +333,7 @@ async def test_sigterm_during_steady_send_turns_unready_exits_0_and_loses_nothin
         stop_seconds = time.monotonic() - signalled
         # Every job the stopped gateway had claimed and not finished was handed back: due now, not
         # leased until its visibility timeout runs out.
-        assert await leased_jobs(redis_proc) == 0
+        assert await leased_jobs(redis_proc) == [], gateway_a.log_tail()
 
         gateway_b = start_gateway(procs, "gateway-b", redis_proc, port=port_b, metrics_port=metrics_b,
                                   visibility=10.0, grace=grace)

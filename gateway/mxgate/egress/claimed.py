@@ -150,14 +150,17 @@ class ClaimedJobs:
     def poke(self) -> None:
         self._poke.set()
 
-    async def _release(self, job: Job) -> None:
+    async def _release(self, job: Job) -> bool:
+        """Hand ``job`` back, due now; whether Redis took it (if not, its lease runs out: nothing is lost)."""
         self.held.pop(job.job_id, None)
         try:
             await self.engine.spool.release(job)
+            return True
         except SpoolError:
-            pass  # the lease expires on its own; nothing is lost
+            return False
         except Exception as exc:  # the same, but noted: stop() must go on releasing the others
             note_internal_error(self.engine.metrics, Stage.RECORD, exc, provider=self.provider, job=job)
+            return False
 
     # -- turns and internal errors ----------------------------------------------------------------
 

@@ -52,6 +52,7 @@ log = logging.getLogger("mxgate.delivery")
 
 DISPATCHER_IDLE_EXIT = 60.0   # seconds without work before a provider's dispatcher stops
 SCAN_INTERVAL = 2.0           # how often the provider index is scanned for due work
+CLAIM_STOP_WAIT = 6.0         # how long stop() lets a claim in flight come back (the Redis socket timeout is 5 s)
 CAP_RECHECK = 30.0            # a used-up hourly/daily cap is asked again after this long (a policy may have changed)
 
 
@@ -179,7 +180,12 @@ class ProviderDispatcher(ClaimedJobs):
         return sum(len(q) for q in self.pending.values())
 
     async def stop(self, *, grace: float) -> None:
-        await cancel_and_wait([self._tasks[0]])   # stop claiming
+        # Stop claiming, but let a claim already sent to Redis come back first: cancelled in flight, its jobs
+        # would be leased in Redis yet held nowhere here, so nothing would hand them back and they would
+        # sit out the whole visibility timeout. `stopping` ends the loop after its current round.
+        self.poke()
+        await asyncio.wait([self._tasks[0]], timeout=CLAIM_STOP_WAIT)
+        await cancel_and_wait([self._tasks[0]])   # a claim stuck past that: the lease runs out instead
         # No connection yet, so nothing to finish: their jobs are handed back below.
         await cancel_and_wait(self._waiting_for_lease)
         conns = [t for tasks in self.connections.values() for t in tasks]
@@ -192,11 +198,20 @@ class ProviderDispatcher(ClaimedJobs):
             await asyncio.gather(*still, return_exceptions=True)
         await cancel_and_wait(self._tasks[1:])  # the renewal and ack loops: stopped before the last flush
         await self._flush_acks()  # first: a finished job must be deleted, not handed back
+        handed_back = kept = 0
+        # Queued for a connection, or interrupted mid-delivery: due again at once (a queued job is held too).
+        unfinished = {job.job_id: job for queue in self.pending.values() for job in queue} | self.held
+        for job in unfinished.values():
+            if await self._release(job):
+                handed_back += 1
+            else:
+                kept += 1
         for queue in self.pending.values():
-            while queue:
-                await self._release(queue.popleft())
-        for job in list(self.held.values()):  # interrupted mid-delivery: due again at once
-            await self._release(job)
+            queue.clear()
+        if handed_back or kept:
+            log.info("handed back %d jobs to %s%s", handed_back, self.provider,
+                     f"; {kept} could not be (Redis away): their leases run out" if kept else "",
+                     extra={"provider": self.provider, "handed_back": handed_back, "not_handed_back": kept})
         self.done = True
 
     # -- claiming ------------------------------------------------------------------------------------
@@ -292,8 +307,8 @@ class ProviderDispatcher(ClaimedJobs):
         limit = self.limits.max_connections
         if time.monotonic() < self.no_new_connections_until:
             limit = min(limit, self.reflex_cap)   # local reflex: replace working connections, add none
-        if self.suspended() or self.capped():
-            return
+        if self._must_not_send() or self.capped():
+            return  # (stopping: stop() collected the connections to wait for, no new one may start)
         for hops, queue in self.pending.items():
             tasks = self.connections.setdefault(hops, set())
             # One connection per queued job at most (the rest can wait for a reused connection).
