@@ -488,15 +488,16 @@ class RedisConnection:
 
     async def _node_replication(self, node: tuple[str, int], client: aioredis.Redis, *,
                                 fresh: bool = False) -> _NodeReplication:
-        address = node if node != ("", 0) else self._current_address()
-        state = self._replication.setdefault(address, _NodeReplication())
+        # A single server or Sentinel (node ("", 0)) has one state, "the primary, whichever it is", not one per
+        # address: INFO goes out on any pooled connection, and for a moment after a failover some of those
+        # still reach the old primary (redis-py drops only idle ones when it learns the new address). Filed
+        # under the new address, the old primary's "connected_slaves:0" made a fresh state's `ever` 0, so
+        # writes went to the cut-off primary without WAIT and were answered 250, then lost in its demotion
+        # (CI, Debian's 3.11.2). One state per deployment: once it has had a replica, every write waits.
+        state = self._replication.setdefault(node, _NodeReplication())
         now = time.monotonic()
         if fresh or now - state.checked >= REPLICATION_CHECK_INTERVAL:
             info = await client.info("replication")
-            if node == ("", 0) and self._current_address() != address:
-                # Sentinel: the connection that answered went to a new primary; file it under that one.
-                address = self._current_address()
-                state = self._replication.setdefault(address, _NodeReplication())
             state.checked = now
             state.role = str(info.get("role", "master"))
             replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
@@ -506,14 +507,6 @@ class RedisConnection:
             state.connected = sum(1 for r in replicas if int(r.get("lag", 0)) <= REPLICA_LAG_OK
                                   and r.get("state") == "online")
         return state
-
-    def _current_address(self) -> tuple[str, int]:
-        pool = self.client.connection_pool if isinstance(self.client, aioredis.Redis) else None
-        if isinstance(pool, SentinelConnectionPool) and pool.master_address:
-            host, port = pool.master_address
-            return str(host), int(port)
-        kwargs = pool.connection_kwargs if pool is not None else {}
-        return str(kwargs.get("host") or kwargs.get("path") or ""), int(kwargs.get("port") or 0)
 
     # -- health ------------------------------------------------------------------------------------------
 
@@ -564,16 +557,21 @@ class RedisConnection:
         assert self._sentinel is not None and isinstance(self.client, aioredis.Redis)
         pool = self.client.connection_pool
         assert isinstance(pool, SentinelConnectionPool)
+        # The primary this loop last made every connection go to. Not pool.master_address: redis-py sets that
+        # itself whenever a new connection asks the sentinels, and then drops only the idle connections, so a
+        # change seen there first would go unnoticed here while busy connections kept the old primary.
+        followed = tuple(pool.master_address) if pool.master_address else None
         while True:
             await asyncio.sleep(SENTINEL_CHECK_INTERVAL)
             try:
-                address = await self._sentinel.discover_master(self.target.master)
-                if pool.master_address is not None and tuple(address) != tuple(pool.master_address):
-                    old = f"{pool.master_address[0]}:{pool.master_address[1]}"
-                    log.warning("redis primary changed", extra={"old": old, "new": f"{address[0]}:{address[1]}"})
+                address = tuple(await self._sentinel.discover_master(self.target.master))
+                if followed is not None and address != followed:
+                    log.warning("redis primary changed", extra={"old": f"{followed[0]}:{followed[1]}",
+                                                                "new": f"{address[0]}:{address[1]}"})
                     pool.master_address = address
                     # Every connection, in use or not: one still open to the old primary would keep writing there.
                     await pool.disconnect(inuse_connections=True)
+                followed = address
             except REDIS_ERRORS as exc:
                 log.debug("sentinels not answering: %s", self.target.redact(str(exc)))
             except Exception:

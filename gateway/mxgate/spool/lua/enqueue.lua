@@ -12,7 +12,13 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- Idempotent: a client retrying a timed-out enqueue (or a replayed one) must not reset an existing job,
 -- which may be claimed, half-delivered or rescheduled by now.
-if redis.call('EXISTS', KEYS[3]) == 1 then return {now, 0} end
+-- It still writes: WAIT counts the replicas that have everything *this connection* wrote, and a retry on a new
+-- connection that wrote nothing would pass WAIT at once, whether or not the first attempt's job reached them.
+-- Replication is in order, so once this write is acknowledged, so is the job.
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('HINCRBY', KEYS[3], 'replays', 1)
+  return {now, 0}
+end
 local stage = tonumber(ARGV[4])
 -- Announce only when no job was due: with a backlog, dispatchers are already claiming, and one
 -- message per enqueue would cost every gateway a wake-up per message.
