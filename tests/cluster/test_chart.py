@@ -101,10 +101,14 @@ def test_helm_lint_strict(helm: Path, values: dict[str, Any]) -> None:
     ({"gateway": {"replicaAckTimeoutSeconds": 0}}, "/gateway/replicaAckTimeoutSeconds"),
     ({"clusterDomain": "cluster.local."}, "/clusterDomain"),
     ({"fullnameOverride": "f" * 47}, "/fullnameOverride"),
+    ({"gateway": {"podAntiAffinityPreset": "always"}}, "/gateway/podAntiAffinityPreset"),
+    ({"gateway": {"env": [{"name": "A", "value": "b"}]}}, "/gateway"),
+    ({"operator": {"envFrom": {"secretRef": {"name": "s"}}}}, "/operator/envFrom"),
 ], ids=["typo", "mode", "appendfsync-no", "cidr", "port", "url-scheme", "policy-name", "redis-mode",
         "url-sentinel-scheme", "netpol-port", "master-name", "down-after", "failover-timeout", "min-replicas",
         "maxmemory-unit", "maxmemory-zero", "maxmemory-percent", "replica-acks-word", "replica-acks-negative",
-        "replica-ack-timeout", "cluster-domain", "fullname-length"])
+        "replica-ack-timeout", "cluster-domain", "fullname-length", "anti-affinity-preset", "env-is-extraEnv",
+        "env-from-list"])
 def test_values_schema_refuses(helm: Path, values: dict[str, Any], complaint: str) -> None:
     for command in (["lint", "--strict", str(CHART)], ["template", "mx", str(CHART)]):
         result = helm_run(helm, *command, values=values, check=False)
@@ -781,3 +785,85 @@ def test_default_policies_render_the_example_files(default: Manifests, helm: Pat
         assert policy["metadata"]["labels"]["app.kubernetes.io/instance"] == "mx"
     chosen = render(helm, {"defaultPolicies": {"enabled": True, "names": ["yahoo"]}})
     assert chosen.names("ProviderPolicy") == {"yahoo"}
+
+
+# ---- the values users of other charts expect (issue 10) ----
+
+def test_openshift_can_drop_the_fixed_uids(helm: Path) -> None:
+    # The restricted SCC assigns a random UID and refuses pods that ask for another: every fixed id can go.
+    unset = {"runAsUser": None, "runAsGroup": None, "fsGroup": None}
+    manifests = render(helm, {"gateway": {"podSecurityContext": unset}, "operator": {"podSecurityContext": unset}})
+    for name in (GATEWAY, OPERATOR):
+        spec = pod_spec(manifests.get("Deployment", name))
+        assert spec["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+        assert all("runAsUser" not in c["securityContext"] for c in spec["containers"])
+
+
+def test_probes_can_be_tuned_or_dropped(helm: Path) -> None:
+    manifests = render(helm, {"gateway": {"readinessProbe": {"periodSeconds": 2}, "livenessProbe": None,
+                                          "startupProbe": {"httpGet": {"path": "/healthz", "port": "metrics"},
+                                                           "failureThreshold": 30}},
+                              "operator": {"livenessProbe": {"failureThreshold": 9}}})
+    gateway = container(manifests.get("Deployment", GATEWAY), "gateway")
+    assert gateway["readinessProbe"] == {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 2,
+                                         "timeoutSeconds": 3, "failureThreshold": 2}
+    assert "livenessProbe" not in gateway
+    assert gateway["startupProbe"]["failureThreshold"] == 30
+    operator = container(manifests.get("Deployment", OPERATOR), "operator")
+    assert operator["livenessProbe"]["failureThreshold"] == 9
+    assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "operator-health"}
+
+
+@pytest.mark.parametrize("values", [{}, SIDECAR], ids=["deployment", "sidecar"])
+def test_extra_env_env_from_and_volumes_reach_their_containers(helm: Path, values: dict[str, Any]) -> None:
+    extra = {"extraEnv": [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://otel:4317"}],
+             "envFrom": [{"secretRef": {"name": "mxgate-extra"}}]}
+    manifests = render(helm, {**values,
+                              "gateway": {**extra, "extraVolumes": [{"name": "ca", "configMap": {"name": "corp-ca"}}],
+                                          "extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/corp-ca"}]},
+                              "operator": {**values.get("operator", {}), **extra,
+                                           "extraVolumes": [{"name": "op", "emptyDir": {}}],
+                                           "extraVolumeMounts": [{"name": "op", "mountPath": "/op"}]}})
+    gateway_pod = manifests.get("Deployment", GATEWAY)
+    operator_pod = gateway_pod if values else manifests.get("Deployment", OPERATOR)
+    for workload, name, mount in ((gateway_pod, "gateway", "/etc/corp-ca"), (operator_pod, "operator", "/op")):
+        c = container(workload, name)
+        assert env_of(c)["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel:4317"
+        assert c["envFrom"] == [{"secretRef": {"name": "mxgate-extra"}}]
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert mount in mounts and mounts[mount] in {v["name"] for v in pod_spec(workload)["volumes"]}
+
+
+def test_gateways_spread_over_nodes_and_zones_by_default(default: Manifests, helm: Path) -> None:
+    spec = pod_spec(default.get("Deployment", GATEWAY))
+    labels = default.get("Deployment", GATEWAY)["spec"]["selector"]["matchLabels"]
+    [term] = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"] == {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": labels}}
+    [spread] = spec["topologySpreadConstraints"]
+    assert spread == {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                      "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": labels}}
+
+    hard = pod_spec(render(helm, {"gateway": {"podAntiAffinityPreset": "hard", "topologySpreadConstraints": []}})
+                    .get("Deployment", GATEWAY))
+    assert hard["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"] \
+        == "kubernetes.io/hostname"
+    assert "topologySpreadConstraints" not in hard
+    own = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "mail", "operator": "Exists"}]}]}}}
+    placed = pod_spec(render(helm, {"gateway": {"affinity": own, "nodeSelector": {"pool": "mail"},
+                                                "tolerations": [{"key": "mail", "operator": "Exists"}]}})
+                      .get("Deployment", GATEWAY))
+    assert placed["affinity"] == own and placed["nodeSelector"] == {"pool": "mail"}
+    assert placed["tolerations"] == [{"key": "mail", "operator": "Exists"}]
+    none = pod_spec(render(helm, {"gateway": {"podAntiAffinityPreset": "none"}}).get("Deployment", GATEWAY))
+    assert "affinity" not in none
+
+
+def test_service_monitor_relabelings(helm: Path) -> None:
+    relabel = [{"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}]
+    drop = [{"sourceLabels": ["__name__"], "regex": "python_gc_.*", "action": "drop"}]
+    manifests = render(helm, {"serviceMonitor": {"enabled": True, "relabelings": relabel,
+                                                 "metricRelabelings": drop, "scrapeTimeout": "10s"}})
+    [endpoint] = manifests.get("ServiceMonitor", f"{FULLNAME}-gateway")["spec"]["endpoints"]
+    assert endpoint["relabelings"] == relabel and endpoint["metricRelabelings"] == drop
+    assert endpoint["scrapeTimeout"] == "10s"

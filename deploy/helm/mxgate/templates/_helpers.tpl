@@ -250,26 +250,6 @@ the processes get them, and so does `kubectl exec ... mxgate status`. One YAML l
 
 {{/* ---- Security contexts: non-root, read-only root filesystem, no capabilities ---- */}}
 
-{{- define "mxgate.podSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: 10001
-runAsGroup: 10001
-fsGroup: 10001
-seccompProfile:
-  type: RuntimeDefault
-{{- end -}}
-
-{{- define "mxgate.containerSecurityContext" -}}
-runAsNonRoot: true
-allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
-privileged: false
-capabilities:
-  drop: [ALL]
-seccompProfile:
-  type: RuntimeDefault
-{{- end -}}
-
 {{/* ---- The operator container, shared by the operator Deployment and sidecar mode ---- */}}
 
 {{/* No --priority: `mxgate operator` picks a random one per process, because kopf pauses every replica of a peering
@@ -303,30 +283,38 @@ cluster-wide rules (operator-rbac.yaml). */}}
     - name: POD_ID
       valueFrom:
         fieldRef: {fieldPath: metadata.name}
-    {{- with .Values.operator.env }}
+    {{- with .Values.operator.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
+  {{- with .Values.operator.envFrom }}
+  envFrom:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   ports:
     - name: operator-health
       containerPort: 8080
       protocol: TCP
+  {{- with .Values.operator.livenessProbe }}
   livenessProbe:
-    httpGet: {path: /healthz, port: operator-health}
-    periodSeconds: 10
-    timeoutSeconds: 3
-    failureThreshold: 6
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.operator.readinessProbe }}
   readinessProbe:
-    httpGet: {path: /healthz, port: operator-health}
-    periodSeconds: 10
-    timeoutSeconds: 3
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   resources:
     {{- toYaml .Values.operator.resources | nindent 4 }}
+  {{- with .Values.operator.securityContext }}
   securityContext:
-    {{- include "mxgate.containerSecurityContext" . | nindent 4 }}
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   volumeMounts:
     - name: tmp
       mountPath: /tmp
     {{- include "mxgate.redisPasswordMount" . | nindent 4 }}
+    {{- with .Values.operator.extraVolumeMounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
     {{- if include "mxgate.sidecar" . }}
     # Sidecar mode: the pod does not automount its token; only this container gets it.
     - name: kube-api-access
