@@ -838,7 +838,8 @@ def test_gateways_spread_over_nodes_and_zones_by_default(default: Manifests, hel
     spec = pod_spec(default.get("Deployment", GATEWAY))
     labels = default.get("Deployment", GATEWAY)["spec"]["selector"]["matchLabels"]
     [term] = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
-    assert term["podAffinityTerm"] == {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": labels}}
+    assert term["podAffinityTerm"] == {"topologyKey": "kubernetes.io/hostname",
+                                       "labelSelector": {"matchLabels": labels}}
     [spread] = spec["topologySpreadConstraints"]
     assert spread == {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
                       "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": labels}}
