@@ -61,7 +61,6 @@ from support.kubenode_config import (
     BRIDGE,
     CGROUP,
     CLUSTER_DOMAIN,
-    CNI_NETWORK,
     DNS_IP,
     NODE_NAME,
     POD_CIDR,
@@ -71,7 +70,6 @@ from support.kubenode_config import (
 
 RUN_DIR = Path("/run/mxgate-e2e")          # containerd's state and socket, runc's root, the state file
 LOCK_PATH = Path("/run/mxgate-e2e.lock")
-CNI_CACHE = Path("/var/lib/cni/cache/results")
 CONTAINER_LOG_LINKS = Path("/var/log/containers")   # the kubelet's symlinks; the path is fixed in the kubelet
 NODE_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet",
                  "kube-proxy", "coredns", "helm")
@@ -139,6 +137,23 @@ def oci_archive_tag(archive: Path) -> str:
     return str(found[0])
 
 
+@dataclass(frozen=True)
+class ImageArchives:
+    """The OCI archives ``.ci/image`` writes: mxgate's image, the pod sandbox (pause) and the Redis image."""
+
+    mxgate: Path
+    pause: Path
+    redis: Path
+
+    @property
+    def mxgate_ref(self) -> str:
+        return oci_archive_tag(self.mxgate)
+
+    @property
+    def redis_ref(self) -> str:
+        return oci_archive_tag(self.redis)
+
+
 def _free_port(host: str, *, udp_too: bool = False) -> int:
     while True:
         with socket.socket() as tcp:
@@ -198,10 +213,10 @@ def clean_leftovers(log: Callable[[str], None] = print) -> None:
         return
     log(f"kubenode: cleaning up after a previous run that did not tear down (state: {state or 'none'})")
     workdir = Path(state["workdir"]) if state.get("workdir") else None
-    _force_cleanup(workdir, state.get("sysctls", {}))
+    _force_cleanup(workdir, state)
 
 
-def _force_cleanup(workdir: Path | None, sysctls: Mapping[str, str]) -> None:
+def _force_cleanup(workdir: Path | None, host: Mapping[str, Any]) -> None:
     """Everything the node may have left, removed by force; idempotent."""
     nodehost.kill_processes(nodehost.processes_mentioning(str(RUN_DIR)))
     nodehost.kill_cgroup_processes(CGROUP)
@@ -211,10 +226,9 @@ def _force_cleanup(workdir: Path | None, sysctls: Mapping[str, str]) -> None:
     nodehost.remove_idle_cri_netns()
     nodehost.remove_bridge(BRIDGE)
     nodehost.remove_node_chains()
-    nodehost.write_sysctls(sysctls)
-    with contextlib.suppress(OSError):
-        for entry in CNI_CACHE.glob(f"{CNI_NETWORK}-*"):
-            entry.unlink()
+    nodehost.write_sysctls(host.get("sysctls", {}))
+    nodehost.remove_new_empty_tables(host.get("nft_tables", nodehost.nft_tables()))
+    nodehost.remove_paths(host.get("absent_paths", []))
     if workdir is not None:
         with contextlib.suppress(OSError):
             for link in CONTAINER_LOG_LINKS.glob("*.log"):
@@ -240,7 +254,7 @@ class KubeNode:
     images: dict[Path, str]                  # archive -> image name in containerd
     timings: dict[str, float]                # seconds, start-up phases and (after stop) teardown
     _claim: _HostClaim = field(repr=False)
-    _sysctls: dict[str, str] = field(repr=False)
+    _host: dict[str, Any] = field(repr=False)     # the state file's content
     _servers: dict[str, _Server] = field(repr=False)
     _creds: _Credentials = field(repr=False)
     _stopped: bool = False
@@ -254,7 +268,8 @@ class KubeNode:
         return RUN_DIR / "containerd.sock"
 
     @classmethod
-    def start(cls, bin_dir: Path, workdir: Path, *, images: Sequence[Path]) -> KubeNode:
+    def start(cls, bin_dir: Path, workdir: Path, *, pause: Path, images: Sequence[Path]) -> KubeNode:
+        """``pause``: the OCI archive of the sandbox image; ``images``: more archives to import."""
         check_prerequisites(bin_dir)
         claim = _HostClaim.take()
         began = time.monotonic()
@@ -263,8 +278,12 @@ class KubeNode:
             RUN_DIR.mkdir(mode=0o700)
             workdir.mkdir(parents=True, exist_ok=True)
             (workdir / "logs").mkdir(exist_ok=True)
-            sysctls = nodehost.read_sysctls()
-            _state_path().write_text(json.dumps({"workdir": str(workdir), "sysctls": sysctls, "pid": os.getpid()}))
+            # What the teardown must put back: the sysctls, and which fixed host paths and nftables tables
+            # did not exist yet (the node creates them; they go with it).
+            host = {"workdir": str(workdir), "pid": os.getpid(), "sysctls": nodehost.read_sysctls(),
+                    "absent_paths": nodehost.absent_paths(), "nft_tables": nodehost.nft_tables()}
+            _state_path().write_text(json.dumps(host))
+            nodehost.create_cgroups(CGROUP)
         except BaseException:
             claim.release()
             raise
@@ -278,13 +297,13 @@ class KubeNode:
         kubeconfig.write_text(yaml.safe_dump(creds.kubeconfig(server)))
         kubeconfig.chmod(0o600)
         node = cls(bin_dir=bin_dir, workdir=workdir, node_ip=node_ip, server=server, kubeconfig=kubeconfig,
-                   images={}, timings={}, _claim=claim, _sysctls=sysctls, _servers={}, _creds=creds)
+                   images={}, timings={}, _claim=claim, _host=host, _servers={}, _creds=creds)
         try:
             plan = NodePlan(bin_dir=bin_dir, workdir=workdir, run_dir=RUN_DIR, node_ip=node_ip,
                                    api_port=api_port, creds=creds, kubeconfig=kubeconfig,
-                                   pause_image=oci_archive_tag(images[0]) if images else "",
+                                   pause_image=oci_archive_tag(pause),
                                    free_port=_free_port)
-            node._start_components(plan, images)
+            node._start_components(plan, [pause, *images])
         except BaseException:
             node.timings["failed_after"] = round(time.monotonic() - began, 1)
             node.stop(check=False)
@@ -378,9 +397,11 @@ class KubeNode:
             self._stop_servers("containerd")
             self._stop_servers("kube-apiserver")
             self._stop_servers("etcd")
-            _force_cleanup(self.workdir, self._sysctls)
+            _force_cleanup(self.workdir, self._host)
             left = nodehost.leftovers(bridge=BRIDGE, cgroup=CGROUP, dirs=[RUN_DIR, self.workdir],
-                                      saved_sysctls=self._sysctls, process_marker=str(RUN_DIR))
+                                      saved_sysctls=self._host["sysctls"], process_marker=str(RUN_DIR),
+                                      absent_before=self._host["absent_paths"],
+                                      tables_before=self._host["nft_tables"])
         finally:
             self._claim.release()
         self.timings["teardown"] = round(time.monotonic() - began, 1)
@@ -477,10 +498,10 @@ def _http_ok(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def running_node(bin_dir: Path, workdir: Path, *, images: Sequence[Path]) -> Iterator[KubeNode]:
-    with KubeNode.start(bin_dir, workdir, images=images) as node:
+def running_node(bin_dir: Path, workdir: Path, *, pause: Path, images: Sequence[Path]) -> Iterator[KubeNode]:
+    with KubeNode.start(bin_dir, workdir, pause=pause, images=images) as node:
         yield node
 
 
-__all__ = ["DNS_IP", "NODE_NAME", "POD_CIDR", "SERVICE_CIDR", "KubeNode", "NodeBusyError", "NodeStartError",
-           "NodeTeardownError", "oci_archive_tag", "running_node"]
+__all__ = ["DNS_IP", "NODE_NAME", "POD_CIDR", "SERVICE_CIDR", "ImageArchives", "KubeNode", "NodeBusyError",
+           "NodeStartError", "NodeTeardownError", "oci_archive_tag", "running_node"]

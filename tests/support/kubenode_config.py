@@ -97,10 +97,9 @@ class NodePlan:
 version = 2
 root = "{root}"
 state = "{self.run_dir / 'containerd'}"
-# Snapshotters this host cannot use, and the v1 runtime (its state would go to /run/containerd).
+# Snapshotters this host cannot use.
 disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
-                    "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper",
-                    "io.containerd.runtime.v1.linux"]
+                    "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper"]
 [grpc]
   address = "{sock}"
 [ttrpc]
@@ -113,6 +112,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   sandbox_image = "{self.pause_image}"
   # Without CAP_SYS_RESOURCE every sandbox fails otherwise (runc cannot lower oom_score_adj).
   restrict_oom_score_adj = true
+  # Pod network namespaces under our state directory instead of /run/netns.
+  netns_mounts_under_state_dir = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   [{cri}.containerd]

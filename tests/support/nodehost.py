@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -122,6 +123,45 @@ def remove_node_chains(tools: Iterable[str] = ("iptables", "ip6tables")) -> None
                 subprocess.run([tool, "-w", "5", "-t", table, "-X", chain], capture_output=True, timeout=30)
 
 
+def nft_tables() -> list[str]:
+    """``family name`` of every nftables table (iptables-nft makes ``ip filter`` and the like on first use)."""
+    result = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, timeout=30)
+    lines = result.stdout.splitlines()
+    return sorted(line.removeprefix("table ").strip() for line in lines if line.startswith("table "))
+
+
+def _table_is_empty(family_table: str) -> bool:
+    family, table = family_table.split()
+    tool = {"ip": "iptables", "ip6": "ip6tables"}.get(family)
+    if tool is None or table not in _TABLES:
+        return False
+    return all(line.startswith("-P ") for line in _rules(tool, table))
+
+
+def remove_new_empty_tables(before: Iterable[str]) -> None:
+    """Delete the iptables-nft tables that did not exist ``before`` and hold no rule or chain of anyone's."""
+    for family_table in set(nft_tables()) - set(before):
+        if _table_is_empty(family_table):
+            subprocess.run(["nft", "delete", "table", *family_table.split()], capture_output=True, timeout=30)
+
+
+# -- host directories ------------------------------------------------------------------------------------
+
+#: Places the kubelet, containerd's shims and libcni use whatever their configuration says: the kubelet's
+#: device-plugin socket, the shims' sockets (/run/containerd/s), the CNI result cache, the log symlinks.
+FIXED_HOST_PATHS = ("/var/lib/kubelet", "/run/containerd", "/var/lib/cni", "/var/log/containers")
+
+
+def absent_paths(paths: Iterable[str] = FIXED_HOST_PATHS) -> list[str]:
+    return [path for path in paths if not os.path.lexists(path)]
+
+
+def remove_paths(paths: Iterable[str]) -> None:
+    """Remove the directories of :data:`FIXED_HOST_PATHS` that the node created (``absent_paths`` before it)."""
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 # -- links -----------------------------------------------------------------------------------------------
 
 
@@ -215,6 +255,19 @@ def cgroup_dirs(name: str) -> list[Path]:
     return sorted(p / name for p in _CGROUP_ROOT.iterdir() if (p / name).is_dir())
 
 
+def create_cgroups(name: str) -> None:
+    """``/sys/fs/cgroup/<hierarchy>/<name>`` in every hierarchy: the kubelet refuses a cgroupRoot that does
+    not exist. A cgroup v1 cpuset starts with no CPUs and no memory nodes: it gets its parent's."""
+    for hierarchy in sorted(p for p in _CGROUP_ROOT.iterdir() if p.is_dir()):
+        if not (hierarchy / "cgroup.procs").exists():
+            continue
+        directory = hierarchy / name
+        directory.mkdir(exist_ok=True)
+        for setting in ("cpuset.cpus", "cpuset.mems"):
+            if (hierarchy / setting).exists():
+                (directory / setting).write_text((hierarchy / setting).read_text())
+
+
 def _procs_in(tree: Path) -> set[int]:
     pids: set[int] = set()
     for procs in tree.rglob("cgroup.procs"):
@@ -269,10 +322,12 @@ def kill_processes(pids: Iterable[int]) -> None:
 
 
 def leftovers(*, bridge: str, cgroup: str, dirs: Iterable[Path], saved_sysctls: Mapping[str, str],
-              process_marker: str) -> list[str]:
+              process_marker: str, absent_before: Iterable[str], tables_before: Iterable[str]) -> list[str]:
     """What a node left on the host: an empty list after a complete teardown."""
     dirs = list(dirs)
-    found = [f"process {pid}: {_cmdline(pid)}" for pid in processes_mentioning(process_marker)]
+    found = [f"path {path} (absent before)" for path in absent_before if os.path.lexists(path)]
+    found += [f"nftables table {table} (absent before)" for table in sorted(set(nft_tables()) - set(tables_before))]
+    found += [f"process {pid}: {_cmdline(pid)}" for pid in processes_mentioning(process_marker)]
     found += [f"process {pid} in cgroup {cgroup}" for pid in sorted(processes_in_cgroups(cgroup))]
     found += [f"cgroup {path}" for path in cgroup_dirs(cgroup)]
     found += [f"mount {point}" for point in mounts_under(dirs)]
