@@ -234,7 +234,7 @@ def _force_cleanup(workdir: Path | None, host: Mapping[str, Any]) -> None:
             for link in CONTAINER_LOG_LINKS.glob("*.log"):
                 if os.readlink(link).startswith(str(workdir)):
                     link.unlink()
-        for state_dir in ("containerd", "kubelet", "etcd-data", "cni"):
+        for state_dir in ("containerd", "kubelet", "etcd-data", "cni", "volumes"):
             shutil.rmtree(workdir / state_dir, ignore_errors=True)
     shutil.rmtree(RUN_DIR, ignore_errors=True)
 
@@ -470,6 +470,22 @@ class KubeNode:
         if result.returncode != 0:
             raise KubeCommandError(result.returncode, argv, result.stdout, result.stderr)
         return result
+
+    def add_host_volume(self, name: str, *, claim_namespace: str, claim_name: str, capacity: str = "8Gi") -> Path:
+        """A PersistentVolume on a directory of the node, bound in advance to one claim (there is no
+        provisioner): a StatefulSet's volumeClaimTemplate claim gets it. The directory is world-writable
+        because the kubelet applies no fsGroup to hostPath volumes."""
+        path = self.workdir / "volumes" / name
+        path.mkdir(parents=True)
+        path.chmod(0o777)
+        with self.api_client() as api:
+            kubernetes.client.CoreV1Api(api).create_persistent_volume({
+                "metadata": {"name": name},
+                "spec": {"capacity": {"storage": capacity}, "accessModes": ["ReadWriteOnce"],
+                         "persistentVolumeReclaimPolicy": "Retain",
+                         "claimRef": {"namespace": claim_namespace, "name": claim_name},
+                         "hostPath": {"path": str(path), "type": "Directory"}}})
+        return path
 
     def component_logs(self, lines: int = 30) -> str:
         """The tails of every component's log (for a failing test's message)."""

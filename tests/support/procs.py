@@ -273,6 +273,7 @@ class Sender:
 
     ports: Sequence[int]
     count: int
+    host: str = LOOPBACK        # every port is on this address (a Service's ClusterIP in tests/e2e)
     concurrency: int = 20
     rate: float | None = None  # messages per second at most, over all connections (a steady send)
     rcpt: str = "u@outlook.test"
@@ -301,7 +302,7 @@ class Sender:
                 await self._pace()
                 try:
                     if smtp is None or not smtp.is_connected:
-                        smtp = aiosmtplib.SMTP(hostname=LOOPBACK, port=self.ports[port_index], timeout=30)
+                        smtp = aiosmtplib.SMTP(hostname=self.host, port=self.ports[port_index], timeout=30)
                         await smtp.connect()
                     rcpt = self.rcpts[number % len(self.rcpts)] if self.rcpts else self.rcpt
                     _, reply = await smtp.sendmail("app@example.com", [rcpt], numbered_message(number, rcpt=rcpt))
