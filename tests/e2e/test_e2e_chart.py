@@ -6,6 +6,7 @@ as ``kubectl get pp`` shows them, tightened against the simulator's connection l
 from __future__ import annotations
 
 import os
+import time
 
 from kubernetes.client import CoreV1Api
 
@@ -41,7 +42,9 @@ async def test_helm_install_relays_mail_through_the_service(cluster: KubeNode, m
         create_sim(api, namespace, image, args=["--max-connections", "1", "--latency", "0.02"])
         install(cluster, namespace, release_values(mxgate_ref=image, redis_ref=mxgate_image.redis_ref,
                                                    pod_cidr=POD_CIDR))
+        began = time.monotonic()
         wait_all_ready(core, namespace, count=PODS, timeout=180)
+        print(f"helm install: {PODS} pods Ready in {time.monotonic() - began:.1f} s")
         create_policy(api, namespace, provider_policy(namespace, limits={
             "maxConnections": CEILING, "maxMessagesPerConnection": 50}))
         wait_for(core, namespace, lambda: get_policy(api, namespace).get("status", {}).get("effective"),
@@ -50,7 +53,9 @@ async def test_helm_install_relays_mail_through_the_service(cluster: KubeNode, m
         # From the host, through the Service's ClusterIP (kube-proxy's DNAT).
         service_ip = core.read_namespaced_service(GATEWAY_SERVICE, namespace).spec.cluster_ip
         sender = Sender(ports=[25], host=service_ip, count=300, concurrency=8, rcpt=f"user@{TEST_DOMAIN}")
+        began = time.monotonic()
         await sender.run(timeout=120)
+        print(f"300 messages accepted through {service_ip}:25 in {time.monotonic() - began:.1f} s")
         accepted = {f"<d{n}.{os.getpid()}@example.com>" for n in sender.accepted}
         assert len(accepted) == 300, sender.failures
 
@@ -77,4 +82,6 @@ async def test_helm_install_relays_mail_through_the_service(cluster: KubeNode, m
         print(f"status: {status}")
         row = table["e2e"]
         assert row["Max"] == CEILING
-        assert row["Conns"] == status["effective"]["maxConnections"]
+        assert row["Conns"] == status["effective"]["maxConnections"] < CEILING
+        assert row["State"] == status["state"] == "Throttled"
+        assert status["lastAdjustment"]["signal"] == "connections", status["lastAdjustment"]

@@ -101,11 +101,13 @@ def get_policy(api: kubernetes.client.ApiClient, namespace: str, name: str = "e2
 
 
 def policy_table(api: kubernetes.client.ApiClient, namespace: str) -> dict[str, dict[str, Any]]:
-    """What ``kubectl get pp`` prints: the server-side Table (the CRD's printer columns), row name -> column -> cell."""
-    response = api.call_api(
-        f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}", "GET",
-        header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
-        response_type="object", auth_settings=["BearerToken"], _return_http_data_only=True)
+    """What ``kubectl get pp`` prints: the server-side Table of the CRD's printer columns (row -> column -> cell)."""
+    method, url, headers, body, _ = api.param_serialize(
+        "GET", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}",
+        header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"}, auth_settings=["BearerToken"])
+    reply = api.call_api(method, url, header_params=headers, body=body)
+    reply.read()
+    response = json.loads(reply.data)
     columns = [c["name"] for c in response["columnDefinitions"]]
     return {row["cells"][0]: dict(zip(columns, row["cells"], strict=True)) for row in response["rows"]}
 
