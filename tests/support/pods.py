@@ -92,9 +92,11 @@ def ready_pods(core: CoreV1Api, namespace: str, selector: str = "") -> list[Any]
 
 
 def wait_all_ready(core: CoreV1Api, namespace: str, *, count: int, timeout: float = 120) -> list[Any]:
-    """Wait until exactly ``count`` pods exist in ``namespace`` and every one of them is Ready."""
+    """Wait until exactly ``count`` pods that should run (not deleted, not finished) exist in ``namespace`` and
+    every one of them is Ready."""
     def all_ready() -> list[Any] | None:
-        pods = [p for p in core.list_namespaced_pod(namespace).items if p.metadata.deletion_timestamp is None]
+        pods = [p for p in core.list_namespaced_pod(namespace).items
+                if p.metadata.deletion_timestamp is None and p.status.phase not in ("Succeeded", "Failed")]
         ready = ready_pods(core, namespace)
         return ready if len(pods) == count and len(ready) == count else None
 
