@@ -74,7 +74,8 @@ CONTAINER_LOG_LINKS = Path("/var/log/containers")   # the kubelet's symlinks; th
 NODE_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet",
                  "kube-proxy", "coredns", "helm")
 HOST_TOOLS = {"containerd": "containerd", "ctr": "containerd", "runc": "runc", "iptables": "iptables",
-              "ip6tables": "iptables", "conntrack": "conntrack", "ip": "iproute2", "umount": "mount"}
+              "ip6tables": "iptables", "nft": "nftables", "conntrack": "conntrack", "ip": "iproute2",
+              "umount": "mount"}
 
 #: Seconds a component gets between SIGTERM and SIGKILL at teardown (kube-apiserver once ignored SIGTERM 40 s).
 STOP_GRACE = 10.0
