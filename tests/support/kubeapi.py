@@ -139,11 +139,11 @@ class _Server:
                                      start_new_session=True, preexec_fn=_die_with_parent)
         return cls(name, popen, log_path)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = STOP_GRACE) -> None:
         if self.popen.poll() is None:
             self.popen.terminate()
             try:
-                self.popen.wait(timeout=STOP_GRACE)
+                self.popen.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -191,10 +191,12 @@ class _Credentials:
     sa_public: Path
 
     @classmethod
-    def generate(cls, directory: Path) -> _Credentials:
+    def generate(cls, directory: Path, *, serving_names: Sequence[str] = ("127.0.0.1", "localhost")) -> _Credentials:
+        """``serving_names``: the API server certificate's names and addresses (a node's API server is also
+        reached at its node address and as the ``kubernetes`` Service)."""
         directory.mkdir(mode=0o700)
         ca = trustme.CA(organization_name="mxgate envtest")
-        serving = ca.issue_cert("127.0.0.1", "localhost", common_name="kube-apiserver")
+        serving = ca.issue_cert(*serving_names, common_name="kube-apiserver")
         # The API server's x509 authenticator takes the user from CN and the groups from O. The DNS name is
         # there because trustme writes an empty, critical subjectAltName without one, which Go refuses
         # ("x509: unhandled critical extension").

@@ -255,10 +255,14 @@ class Accepted:
     at: float  # time.monotonic() when the 250 arrived
 
 
-def numbered_message(number: int, *, rcpt: str, size: int = 1024) -> bytes:
+def numbered_message_id(number: int, *, tag: str = "") -> str:
+    return f"<d{number}.{os.getpid()}{tag}@example.com>"
+
+
+def numbered_message(number: int, *, rcpt: str, size: int = 1024, tag: str = "") -> bytes:
     filler = ("x" * 70 + "\r\n") * max(1, size // 72)
     return (f"From: app@example.com\r\nTo: {rcpt}\r\nSubject: durability {number}\r\n"
-            f"Message-ID: <d{number}.{os.getpid()}@example.com>\r\n\r\n{filler}").encode()
+            f"Message-ID: {numbered_message_id(number, tag=tag)}\r\n\r\n{filler}").encode()
 
 
 @dataclass
@@ -273,10 +277,12 @@ class Sender:
 
     ports: Sequence[int]
     count: int
+    host: str = LOOPBACK        # every port is on this address (a Service's ClusterIP in tests/e2e)
     concurrency: int = 20
     rate: float | None = None  # messages per second at most, over all connections (a steady send)
     rcpt: str = "u@outlook.test"
     rcpts: Sequence[str] = ()   # if given, message n goes to rcpts[n % len(rcpts)] instead of rcpt
+    tag: str = ""               # in every Message-ID, so that two senders of one process differ
     accepted: dict[int, Accepted] = field(default_factory=dict)
     failures: Counter[str] = field(default_factory=Counter)
     _next_slot: float = 0.0
@@ -284,6 +290,10 @@ class Sender:
     @property
     def queue_ids(self) -> set[str]:
         return {a.queue_id for a in self.accepted.values()}
+
+    @property
+    def accepted_message_ids(self) -> set[str]:
+        return {numbered_message_id(number, tag=self.tag) for number in self.accepted}
 
     async def run(self, *, timeout: float) -> None:
         todo: asyncio.Queue[int] = asyncio.Queue()
@@ -301,10 +311,11 @@ class Sender:
                 await self._pace()
                 try:
                     if smtp is None or not smtp.is_connected:
-                        smtp = aiosmtplib.SMTP(hostname=LOOPBACK, port=self.ports[port_index], timeout=30)
+                        smtp = aiosmtplib.SMTP(hostname=self.host, port=self.ports[port_index], timeout=30)
                         await smtp.connect()
                     rcpt = self.rcpts[number % len(self.rcpts)] if self.rcpts else self.rcpt
-                    _, reply = await smtp.sendmail("app@example.com", [rcpt], numbered_message(number, rcpt=rcpt))
+                    message = numbered_message(number, rcpt=rcpt, tag=self.tag)
+                    _, reply = await smtp.sendmail("app@example.com", [rcpt], message)
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                     self.failures[_failure_kind(exc)] += 1
                     todo.put_nowait(number)
