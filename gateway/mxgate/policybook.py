@@ -212,7 +212,7 @@ class PolicyBook:
                 await asyncio.sleep(1.0)
             finally:
                 try:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves PubSub.aclose unannotated
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # untyped before redis 8
                 except REDIS_ERRORS:
                     pass
 

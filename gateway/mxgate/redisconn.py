@@ -322,7 +322,7 @@ class RedisConnection:
         sentinel_kwargs = {k: v for k, v in self._common.items() if k != "health_check_interval"}
         if target.tls:
             sentinel_kwargs["ssl"] = True
-        self._sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves Sentinel unannotated
+        self._sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # untyped before redis 8
             list(target.nodes), sentinel_kwargs=sentinel_kwargs, **self._common)
         # With TLS the pool picks its SSL connection class itself (those round trips are not counted).
         counting: dict[str, Any] = {} if target.tls else {"connection_class": CountingSentinelConnection}
