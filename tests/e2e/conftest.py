@@ -31,6 +31,14 @@ from support.kubenode import ImageArchives, KubeNode
 IMAGE_SCRIPT = REPO_ROOT / ".ci" / "image"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``--dist loadgroup``) every e2e test goes to one worker: the host has one node."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.xdist_group("kubenode"))
+
+
 @pytest.fixture(scope="session")
 def mxgate_image() -> ImageArchives:
     if configured := os.environ.get("MXGATE_IMAGE_ARCHIVE"):

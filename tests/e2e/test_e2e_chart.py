@@ -7,7 +7,11 @@ One release serves the tests of this module, in order (installing takes most of 
    arrives, counted by Message-ID; ``kubectl get pp`` shows the live limits, tightened under the ceiling by
    the simulator's connection refusals;
 2. a gateway pod deleted with grace 0 (``kubectl delete --grace-period=0 --force``) during a load of 2,000
-   messages: every acknowledged message is delivered.
+   messages: every acknowledged message is delivered;
+3. ``helm upgrade`` to a new image tag during a steady load of 2,000 messages: the gateways roll over one by
+   one, clients see at most retriable 4xx replies, every acknowledged message is delivered;
+4. the active operator pod deleted with grace 0: the standby takes over (kopf peering) and reconciles a
+   policy changed right after; mail still flows.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import asyncio
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import kubernetes
@@ -25,83 +28,39 @@ from kubernetes.client import CoreV1Api
 
 from support.clustermail import (
     GATEWAY_SERVICE,
-    TEST_DOMAIN,
+    GROUP,
+    PLURAL,
+    VERSION,
+    Release,
     accepted_by_pod_sender,
-    create_policy,
-    create_sim,
-    delivered,
     get_policy,
-    install,
     pod_sender,
     policy_table,
-    provider_policy,
     release_values,
+    running_release,
+    tally,
+    upgrade,
 )
 from support.kubenode import POD_CIDR, ImageArchives, KubeNode
 from support.pods import ready_pods, run_to_completion, wait_all_ready, wait_for
-from support.procs import Sender
 
 # Gateways 2, operators 2, Redis 1 (the chart's defaults), and the simulator.
 PODS = 6
 CEILING = 8
 GATEWAYS = "app.kubernetes.io/component=gateway"
+OPERATORS = "app.kubernetes.io/component=operator"
+PEERING = "mx-mxgate"    # the chart's default: the release's full name
 #: A gateway's claimed jobs come back after the claim lease (the chart's gateway.visibilitySeconds, 60 s).
 REDELIVERY_TIMEOUT = 150.0
 
 
-@dataclass
-class Release:
-    node: KubeNode
-    namespace: str
-    image: str
-    service_ip: str
-
-    def wait_delivered(self, api: kubernetes.client.ApiClient, wanted: set[str], *, timeout: float) -> Any:
-        """Wait until every Message-ID in ``wanted`` has reached the simulator; its delivery counts."""
-        core = CoreV1Api(api)
-
-        def all_there() -> Any:
-            got = delivered(core, self.namespace)
-            return got if wanted <= set(got) else None
-
-        try:
-            return wait_for(core, self.namespace, all_there, what=f"the {len(wanted)} accepted messages at the "
-                            "simulator", timeout=timeout)
-        except AssertionError as exc:
-            missing = wanted - set(delivered(core, self.namespace))
-            raise AssertionError(f"{len(missing)} accepted messages never arrived, e.g. {sorted(missing)[:5]}\n"
-                                 f"{exc}") from None
-
-
 @pytest.fixture(scope="module")
 def release(cluster: KubeNode, mxgate_image: ImageArchives) -> Iterator[Release]:
-    namespace = f"chart-{secrets.token_hex(3)}"
-    image = mxgate_image.mxgate_ref
-    with cluster.api_client() as api:
-        core = CoreV1Api(api)
-        core.create_namespace({"metadata": {"name": namespace}})
-        # One connection per client address, and a little latency so that the gateways want more than that.
-        create_sim(api, namespace, image, args=["--max-connections", "1", "--latency", "0.02"])
-        began = time.monotonic()
-        install(cluster, namespace, release_values(mxgate_ref=image, redis_ref=mxgate_image.redis_ref,
-                                                   pod_cidr=POD_CIDR))
-        wait_all_ready(core, namespace, count=PODS, timeout=180)
-        print(f"\nhelm install: {PODS} pods Ready in {time.monotonic() - began:.1f} s")
-        create_policy(api, namespace, provider_policy(namespace, limits={
-            "maxConnections": CEILING, "maxMessagesPerConnection": 50}))
-        wait_for(core, namespace, lambda: get_policy(api, namespace).get("status", {}).get("effective"),
-                 what="the operator to put the policy's live limits in its status", timeout=60)
-        service_ip = core.read_namespaced_service(GATEWAY_SERVICE, namespace).spec.cluster_ip
-    yield Release(cluster, namespace, image, service_ip)
-    with cluster.api_client() as api:
-        CoreV1Api(api).delete_namespace(namespace, grace_period_seconds=0)
-
-
-def _tally(wanted: set[str], arrived: Any, sender: Sender | None = None) -> str:
-    duplicates = sum(n - 1 for m, n in arrived.items() if m in wanted)
-    failures = dict(sender.failures) if sender else {}
-    return (f"accepted {len(wanted)}, delivered {len(wanted & set(arrived))}, lost {len(wanted - set(arrived))}, "
-            f"duplicates {duplicates}, client failures {failures}")
+    # One connection per client address, and a little latency so that the gateways want more than that.
+    with running_release(cluster, mxgate_image, name="chart", pods=PODS, sim_args=[
+            "--max-connections", "1", "--latency", "0.02"],
+            limits={"maxConnections": CEILING, "maxMessagesPerConnection": 50}) as release:
+        yield release
 
 
 async def test_helm_install_relays_mail_through_the_service(release: Release) -> None:
@@ -109,8 +68,7 @@ async def test_helm_install_relays_mail_through_the_service(release: Release) ->
     with release.node.api_client() as api:
         core = CoreV1Api(api)
         # From the host, through the Service's ClusterIP (kube-proxy's DNAT).
-        sender = Sender(ports=[25], host=release.service_ip, count=300, concurrency=8, rcpt=f"user@{TEST_DOMAIN}",
-                        tag=".install")
+        sender = release.sender(300, concurrency=8, tag=".install")
         began = time.monotonic()
         await sender.run(timeout=120)
         print(f"300 messages accepted through {release.service_ip}:25 in {time.monotonic() - began:.1f} s")
@@ -124,7 +82,7 @@ async def test_helm_install_relays_mail_through_the_service(release: Release) ->
 
         wanted = sender.accepted_message_ids | from_pod
         arrived = release.wait_delivered(api, wanted, timeout=120)
-        print(_tally(wanted, arrived, sender))
+        print(tally(wanted, arrived, sender))
         assert wanted <= set(arrived)
         assert set(arrived) <= wanted, f"unexpected messages: {sorted(set(arrived) - wanted)[:5]}"
 
@@ -145,8 +103,7 @@ async def test_gateway_pod_force_deleted_under_load_loses_nothing(release: Relea
         core = CoreV1Api(api)
         wait_all_ready(core, namespace, count=PODS, timeout=60)
         victim = ready_pods(core, namespace, GATEWAYS)[0].metadata.name
-        sender = Sender(ports=[25], host=release.service_ip, count=2000, concurrency=20,
-                        rcpt=f"user@{TEST_DOMAIN}", tag=".kill")
+        sender = release.sender(2000, concurrency=20, tag=".kill")
         load = asyncio.create_task(sender.run(timeout=240))
         while len(sender.accepted) < 500 and not load.done():
             await asyncio.sleep(0.05)
@@ -165,9 +122,116 @@ async def test_gateway_pod_force_deleted_under_load_loses_nothing(release: Relea
         wanted = sender.accepted_message_ids
         began = time.monotonic()
         arrived = release.wait_delivered(api, wanted, timeout=REDELIVERY_TIMEOUT)
-        print(_tally(wanted, arrived, sender) + f"; the last arrived {time.monotonic() - began:.1f} s after the load")
+        print(tally(wanted, arrived, sender) + f"; the last arrived {time.monotonic() - began:.1f} s after the load")
         assert wanted <= set(arrived)
         # The Deployment replaced the pod.
         wait_for(core, namespace, lambda: len(ready_pods(core, namespace, GATEWAYS)) == 2 or None,
                  what="two gateway pods Ready again", timeout=90)
 
+
+
+async def test_helm_upgrade_to_a_new_tag_under_load_loses_nothing(release: Release) -> None:
+    namespace = release.namespace
+    repository = release.image.rsplit(":", 1)[0]
+    new_tag = f"upgrade-{secrets.token_hex(3)}"
+    release.node.tag_image(release.image, f"{repository}:{new_tag}")
+    with release.node.api_client() as api:
+        core = CoreV1Api(api)
+        wait_all_ready(core, namespace, count=PODS, timeout=90)
+        old_gateways = {p.metadata.name for p in ready_pods(core, namespace, GATEWAYS)}
+        # A steady 50 messages a second (40 s in all): the rollout happens in the middle of it.
+        sender = release.sender(2000, concurrency=10, rate=50.0, tag=".upgrade")
+        load = asyncio.create_task(sender.run(timeout=240))
+        while len(sender.accepted) < 300 and not load.done():
+            await asyncio.sleep(0.05)
+        accepted_before = len(sender.accepted)
+        began = time.monotonic()
+        await asyncio.to_thread(upgrade, release.node, namespace, release_values(
+            mxgate_ref=f"{repository}:{new_tag}", redis_ref=release.redis_ref, pod_cidr=POD_CIDR))
+
+        def rolled_out() -> bool | None:
+            pods = [p for p in core.list_namespaced_pod(namespace, label_selector=GATEWAYS).items
+                    if p.status.phase not in ("Succeeded", "Failed")]
+            ready = ready_pods(core, namespace, GATEWAYS)
+            new = [p for p in ready if p.spec.containers[0].image.endswith(f":{new_tag}")]
+            return (len(pods) == len(new) == 2) or None
+
+        await asyncio.to_thread(wait_for, core, namespace, rolled_out,
+                                what="both gateway pods replaced by Ready ones of the new tag", timeout=180)
+        rollout = time.monotonic() - began
+        accepted_during = len(sender.accepted) - accepted_before
+        await load
+        print(f"helm upgrade to :{new_tag} after {accepted_before} of 2000 accepted: gateways rolled out in "
+              f"{rollout:.1f} s, {accepted_during} messages accepted meanwhile")
+        assert accepted_before < 2000 and accepted_during > 0, "the rollout did not happen during the load"
+        assert not old_gateways & {p.metadata.name for p in ready_pods(core, namespace, GATEWAYS)}
+        assert len(sender.accepted) == 2000
+        # What a client may see of a rollout: a retriable 4xx reply, nothing else (no 5xx, no reset).
+        assert all(kind[0] == "4" for kind in sender.failures), dict(sender.failures)
+
+        wanted = sender.accepted_message_ids
+        arrived = release.wait_delivered(api, wanted, timeout=REDELIVERY_TIMEOUT)
+        print(tally(wanted, arrived, sender))
+        assert wanted <= set(arrived)
+
+
+def _active_operator(api: kubernetes.client.ApiClient, namespace: str) -> tuple[str, int]:
+    """The operator pod kopf lets work (the highest priority of the live peers in the KopfPeering's status),
+    and its priority."""
+    core = CoreV1Api(api)
+    peering = kubernetes.client.CustomObjectsApi(api).get_namespaced_custom_object(
+        "kopf.dev", "v1", namespace, "kopfpeerings", PEERING)
+    peers = peering.get("status") or {}
+    running = {p.metadata.name for p in ready_pods(core, namespace, OPERATORS)}
+    live = {(name, peer["priority"]) for peer_id, peer in peers.items() for name in running if name in peer_id}
+    assert len(live) == len(running), f"peers {peers} are not the operator pods {running}"
+    return max(live, key=lambda pair: pair[1])
+
+
+async def _change_ceiling(api: kubernetes.client.ApiClient, namespace: str, ceiling: int) -> dict[str, Any]:
+    """Patch the policy's connection ceiling; wait until an operator has reconciled that generation."""
+    patched = await asyncio.to_thread(
+        kubernetes.client.CustomObjectsApi(api).patch_namespaced_custom_object,
+        GROUP, VERSION, namespace, PLURAL, "e2e", {"spec": {"limits": {"maxConnections": ceiling}}})
+    generation = patched["metadata"]["generation"]
+
+    def reconciled() -> dict[str, Any] | None:
+        status = get_policy(api, namespace).get("status") or {}
+        return status if status.get("observedGeneration", 0) >= generation else None
+
+    result: dict[str, Any] = await asyncio.to_thread(
+        wait_for, CoreV1Api(api), namespace, reconciled, what=f"an operator to reconcile generation {generation}",
+        timeout=120)
+    return result
+
+
+async def test_the_active_operator_killed_the_standby_takes_over(release: Release) -> None:
+    namespace = release.namespace
+    with release.node.api_client() as api:
+        core = CoreV1Api(api)
+        wait_all_ready(core, namespace, count=PODS, timeout=90)
+        active, priority = _active_operator(api, namespace)
+        container = core.read_namespaced_pod(active, namespace).status.container_statuses[0].container_id
+        core.delete_namespaced_pod(active, namespace, grace_period_seconds=0,
+                                   body={"gracePeriodSeconds": 0, "propagationPolicy": "Background"})
+        killed_at = time.monotonic()
+        # Only once its process is gone can a reconciliation be the standby's.
+        await asyncio.to_thread(release.node.wait_container_gone, container)
+        # A spec change only an active operator acts on: a lower ceiling for the live limit.
+        status = await _change_ceiling(api, namespace, CEILING - 2)
+        took = time.monotonic() - killed_at
+        print(f"deleted the active operator {active} (priority {priority}, grace 0); the changed policy was "
+              f"reconciled {took:.1f} s later: {status['effective']}")
+        assert status["effective"]["maxConnections"] <= CEILING - 2
+        # The Deployment replaced the pod; with the new peer in the peering, one of the two still works.
+        await asyncio.to_thread(wait_all_ready, core, namespace, count=PODS, timeout=90)
+        began = time.monotonic()
+        status = await _change_ceiling(api, namespace, CEILING)
+        print(f"with the replacement operator up, the next change was reconciled in {time.monotonic() - began:.1f} s")
+
+        # Mail still flows under the new ceiling.
+        sender = release.sender(100, concurrency=5, tag=".operator")
+        await sender.run(timeout=120)
+        wanted = sender.accepted_message_ids
+        arrived = release.wait_delivered(api, wanted, timeout=120)
+        assert len(wanted) == 100 and wanted <= set(arrived)

@@ -9,17 +9,22 @@ A message accepted and never delivered is a loss, one delivered twice a duplicat
 
 from __future__ import annotations
 
+import contextlib
 import json
+import secrets
+import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import kubernetes
 from kubernetes.client import CoreV1Api
 
 from support.chart import CHART
-from support.kubenode import KubeNode
-from support.pods import restricted
+from support.kubenode import POD_CIDR, ImageArchives, KubeNode
+from support.pods import restricted, wait_all_ready, wait_for
+from support.procs import Sender
 
 RELEASE = "mx"
 GATEWAY_SERVICE = f"{RELEASE}-mxgate"     # the chart's fullname for release "mx"
@@ -45,12 +50,18 @@ def release_values(*, mxgate_ref: str, redis_ref: str, pod_cidr: str,
     return values
 
 
-def install(node: KubeNode, namespace: str, values: Mapping[str, Any]) -> None:
+def install(node: KubeNode, namespace: str, values: Mapping[str, Any], *, redis_pods: int = 1) -> None:
     """``helm install`` (no ``--wait``: the tests wait for the pods themselves and say why they are not ready).
-    The bundled Redis's claim gets a host volume first (no provisioner on this node)."""
-    node.add_host_volume(f"{namespace}-redis-0", claim_namespace=namespace,
-                         claim_name=f"data-{GATEWAY_SERVICE}-redis-0")
+    The claims of the bundled Redis's ``redis_pods`` pods get host volumes first (no provisioner on this node)."""
+    for ordinal in range(redis_pods):
+        node.add_host_volume(f"{namespace}-redis-{ordinal}", claim_namespace=namespace,
+                             claim_name=f"data-{GATEWAY_SERVICE}-redis-{ordinal}")
     node.helm("install", RELEASE, str(CHART), "--namespace", namespace, values=values)
+
+
+def upgrade(node: KubeNode, namespace: str, values: Mapping[str, Any]) -> None:
+    """``helm upgrade`` of the release with these values (no ``--wait``, as :func:`install`)."""
+    node.helm("upgrade", RELEASE, str(CHART), "--namespace", namespace, values=values)
 
 
 def sim_manifests(image: str, *, args: Sequence[str] = ()) -> list[dict[str, Any]]:
@@ -169,3 +180,82 @@ def pod_sender(name: str, image: str, *, host: str, count: int, tag: str) -> dic
 
 def accepted_by_pod_sender(log: str) -> set[str]:
     return {line.split()[1] for line in log.splitlines() if line.startswith("accepted ")}
+
+
+# -- a release with its provider, for a test module ------------------------------------------------------
+
+
+@dataclass
+class Release:
+    """mxgate installed in ``namespace`` beside the simulator, with the policy ``e2e`` routing to it."""
+
+    node: KubeNode
+    namespace: str
+    image: str
+    redis_ref: str
+    service_ip: str
+    pods: int          # how many pods the namespace runs when all is well (the simulator's included)
+
+    def sender(self, count: int, *, tag: str, concurrency: int = 20, rate: float | None = None) -> Sender:
+        """A client of the gateway Service's ClusterIP (from the host: kube-proxy's DNAT)."""
+        return Sender(ports=[25], host=self.service_ip, count=count, concurrency=concurrency, rate=rate,
+                      rcpt=f"user@{TEST_DOMAIN}", tag=tag)
+
+    def wait_delivered(self, api: kubernetes.client.ApiClient, wanted: set[str], *, timeout: float) -> Counter[str]:
+        """Wait until every Message-ID in ``wanted`` has reached the simulator; its delivery counts."""
+        core = CoreV1Api(api)
+
+        def all_there() -> Counter[str] | None:
+            got = delivered(core, self.namespace)
+            return got if wanted <= set(got) else None
+
+        try:
+            arrived: Counter[str] = wait_for(core, self.namespace, all_there, what=f"the {len(wanted)} accepted "
+                                             "messages at the simulator", timeout=timeout)
+        except AssertionError as exc:
+            missing = wanted - set(delivered(core, self.namespace))
+            raise AssertionError(f"{len(missing)} accepted messages never arrived, e.g. {sorted(missing)[:5]}\n"
+                                 f"{exc}") from None
+        return arrived
+
+
+def tally(wanted: set[str], arrived: Mapping[str, int], sender: Sender | None = None) -> str:
+    """One line for the log: accepted, delivered, lost, duplicated, and what the clients saw fail."""
+    duplicates = sum(n - 1 for m, n in arrived.items() if m in wanted)
+    failures = dict(sender.failures) if sender else {}
+    return (f"accepted {len(wanted)}, delivered {len(wanted & set(arrived))}, lost {len(wanted - set(arrived))}, "
+            f"duplicates {duplicates}, client failures {failures}")
+
+
+@contextlib.contextmanager
+def running_release(node: KubeNode, images: ImageArchives, *, name: str, pods: int, limits: Mapping[str, Any],
+                    extra: Mapping[str, Any] | Callable[[str], Mapping[str, Any]] | None = None,
+                    redis_pods: int = 1, sim_args: Sequence[str] = (),
+                    before: Callable[[kubernetes.client.ApiClient, str], None] | None = None,
+                    ) -> Iterator[Release]:
+    """A namespace with the simulator, the chart installed (its defaults, the local images, ``extra`` values),
+    all ``pods`` pods Ready and the policy ``e2e`` (``limits``) reconciled; the namespace is deleted after.
+    ``extra`` may be a function of the namespace; ``before(api, namespace)`` runs before the install (say, to
+    start an external Redis)."""
+    namespace = f"{name}-{secrets.token_hex(3)}"
+    with node.api_client() as api:
+        core = CoreV1Api(api)
+        core.create_namespace({"metadata": {"name": namespace}})
+        try:
+            create_sim(api, namespace, images.mxgate_ref, args=sim_args)
+            if before is not None:
+                before(api, namespace)
+            began = time.monotonic()
+            values = release_values(mxgate_ref=images.mxgate_ref, redis_ref=images.redis_ref, pod_cidr=POD_CIDR,
+                                    extra=extra(namespace) if callable(extra) else extra)
+            install(node, namespace, values, redis_pods=redis_pods)
+            wait_all_ready(core, namespace, count=pods, timeout=240)
+            print(f"\nhelm install ({name}): {pods} pods Ready in {time.monotonic() - began:.1f} s")
+            create_policy(api, namespace, provider_policy(namespace, limits=limits))
+            wait_for(core, namespace, lambda: get_policy(api, namespace).get("status", {}).get("effective"),
+                     what="the operator to put the policy's live limits in its status", timeout=90)
+            service_ip = core.read_namespaced_service(GATEWAY_SERVICE, namespace).spec.cluster_ip
+            yield Release(node, namespace, images.mxgate_ref, images.redis_ref, service_ip, pods)
+        finally:
+            with contextlib.suppress(kubernetes.client.ApiException):
+                core.delete_namespace(namespace, grace_period_seconds=0)

@@ -45,7 +45,7 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -301,9 +301,8 @@ class KubeNode:
                    images={}, timings={}, _claim=claim, _host=host, _servers={}, _creds=creds)
         try:
             plan = NodePlan(bin_dir=bin_dir, workdir=workdir, run_dir=RUN_DIR, node_ip=node_ip,
-                                   api_port=api_port, creds=creds, kubeconfig=kubeconfig,
-                                   pause_image=oci_archive_tag(pause),
-                                   free_port=_free_port)
+                            api_port=api_port, creds=creds, kubeconfig=kubeconfig,
+                            pause_image=oci_archive_tag(pause), free_port=_free_port)
             node._start_components(plan, [pause, *images])
         except BaseException:
             node.timings["failed_after"] = round(time.monotonic() - began, 1)
@@ -436,6 +435,22 @@ class KubeNode:
         result = self._ctr("tasks", "ls", "-q", check=False)
         return result.stdout.split() if result.returncode == 0 else []
 
+    def running_containers(self) -> set[str]:
+        """The ids of the containers whose process runs (``ctr tasks ls``: TASK PID STATUS)."""
+        result = self._ctr("tasks", "ls", check=False)
+        rows = [line.split() for line in result.stdout.splitlines()[1:]]
+        return {row[0] for row in rows if len(row) >= 3 and row[2] == "RUNNING"}
+
+    def wait_container_gone(self, container_id: str, *, timeout: float = 30) -> None:
+        """Wait until a container's process has ended (``containerd://ID`` as a pod's status gives it, or ID):
+        a pod deleted by force is gone from the API at once, while the kubelet kills its containers after."""
+        task = container_id.removeprefix("containerd://")
+        deadline = time.monotonic() + timeout
+        while task in self.running_containers():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"container {task} still runs {timeout:.0f} s later")
+            time.sleep(0.1)
+
     def _remove_containers(self) -> None:
         for task in self._running_tasks():
             self._ctr("tasks", "kill", "-s", "SIGKILL", task, check=False)
@@ -471,6 +486,10 @@ class KubeNode:
         if result.returncode != 0:
             raise KubeCommandError(result.returncode, argv, result.stdout, result.stderr)
         return result
+
+    def tag_image(self, ref: str, new_ref: str) -> None:
+        """Give an imported image a second name (``ctr images tag``): a "new" tag to roll out without a registry."""
+        self._ctr("images", "tag", "--force", ref, new_ref)
 
     def add_host_volume(self, name: str, *, claim_namespace: str, claim_name: str, capacity: str = "8Gi") -> Path:
         """A PersistentVolume on a directory of the node, bound in advance to one claim (there is no
@@ -514,11 +533,5 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def running_node(bin_dir: Path, workdir: Path, *, pause: Path, images: Sequence[Path]) -> Iterator[KubeNode]:
-    with KubeNode.start(bin_dir, workdir, pause=pause, images=images) as node:
-        yield node
-
-
 __all__ = ["DNS_IP", "NODE_NAME", "POD_CIDR", "SERVICE_CIDR", "ImageArchives", "KubeNode", "NodeBusyError",
-           "NodeStartError", "NodeTeardownError", "oci_archive_tag", "running_node"]
+           "NodeStartError", "NodeTeardownError", "oci_archive_tag"]
