@@ -5,8 +5,9 @@ counted by Message-ID:
 - ``redis.external.url``: a Redis the user runs (here a Deployment of the Redis image beside the release, with
   its password in a Secret named by ``redis.external.existingSecret``), no bundled Redis;
 - ``redis.mode: replicated``: a primary, two replicas and three sentinels; the primary's pod deleted with
-  grace 0 during a load of 2,000 messages: the sentinels promote a replica, the gateways follow it, and every
-  acknowledged message is delivered.
+  grace 0 during a load of 2,000 messages: the sentinels promote a replica and the gateways follow it (or the
+  StatefulSet's new pod is back before the sentinels' down-after and stays the primary); every acknowledged
+  message is delivered.
 """
 
 from __future__ import annotations
@@ -149,19 +150,9 @@ async def test_replicated_redis_primary_killed_under_load_loses_nothing(cluster:
             assert len(primaries) == 1 and list(roles.values()).count("slave") == 2, roles
             primary = primaries[0]
 
-            sender = release.sender(2000, concurrency=20, tag=".failover")
-            load = asyncio.create_task(sender.run(timeout=300))
-            while len(sender.accepted) < 500 and not load.done():
-                await asyncio.sleep(0.05)
-            accepted_before = len(sender.accepted)
-            core.delete_namespaced_pod(primary, namespace, grace_period_seconds=0,
-                                       body={"gracePeriodSeconds": 0, "propagationPolicy": "Background"})
-            killed_at = time.monotonic()
-            await load
+            sender, accepted_before, took = await release.load_with_kill(primary, tag=".failover")
             print(f"deleted the Redis primary {primary} (grace 0) after {accepted_before} of 2000 accepted; the "
-                  f"load finished {time.monotonic() - killed_at:.1f} s later")
-            assert accepted_before < 2000, "the load finished before the primary was deleted"
-            assert len(sender.accepted) == 2000
+                  f"load finished {took:.1f} s later")
 
             wanted = sender.accepted_message_ids
             began = time.monotonic()
@@ -170,14 +161,20 @@ async def test_replicated_redis_primary_killed_under_load_loses_nothing(cluster:
                   "the load")
             assert wanted <= set(arrived)
 
-            # A replica was promoted; the StatefulSet's new pod of the old primary follows it.
+            # Either the sentinels promoted a replica (the old primary's pod was away longer than their
+            # down-after) and the StatefulSet's new pod follows it, or the new pod came back sooner and, asked
+            # at start-up, the sentinels still named it the primary (its AOF holds every acknowledged write: a
+            # killed process loses nothing) and the replicas resynchronised from it. Both end with one primary
+            # and two replicas.
             await asyncio.to_thread(wait_all_ready, core, namespace, count=release.pods, timeout=120)
 
-            def promoted() -> dict[str, str] | None:
+            def settled() -> dict[str, str] | None:
                 now = _redis_roles(core, namespace)
-                masters = [n for n, r in now.items() if r == "master"]
-                return now if len(masters) == 1 and masters[0] != primary and len(now) == 3 else None
+                return now if sorted(now.values()) == ["master", "slave", "slave"] else None
 
-            roles_after = await asyncio.to_thread(wait_for, core, namespace, promoted,
-                                                  what="one new Redis primary and two replicas", timeout=120)
-            print(f"Redis roles before {roles}, after {roles_after}")
+            roles_after = await asyncio.to_thread(wait_for, core, namespace, settled,
+                                                  what="one Redis primary and two replicas", timeout=120)
+            new_primary = next(name for name, role in roles_after.items() if role == "master")
+            outcome = (f"failed over to {new_primary}" if new_primary != primary else
+                       f"{primary}'s new pod came back before the sentinels' down-after and stayed the primary")
+            print(f"Redis roles before {roles}, after {roles_after}: {outcome}")

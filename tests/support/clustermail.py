@@ -9,6 +9,7 @@ A message accepted and never delivered is a loss, one delivered twice a duplicat
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
@@ -200,6 +201,25 @@ class Release:
         """A client of the gateway Service's ClusterIP (from the host: kube-proxy's DNAT)."""
         return Sender(ports=[25], host=self.service_ip, count=count, concurrency=concurrency, rate=rate,
                       rcpt=f"user@{TEST_DOMAIN}", tag=tag)
+
+    async def load_with_kill(self, pod: str, *, tag: str, count: int = 2000, after: int = 500,
+                             timeout: float = 300) -> tuple[Sender, int, float]:
+        """Send ``count`` messages; once ``after`` are accepted, delete ``pod`` with grace 0 (``kubectl delete
+        --grace-period=0 --force``). The sender, how many it had accepted before the deletion, and the seconds
+        from the deletion to the end of the load."""
+        sender = self.sender(count, concurrency=20, tag=tag)
+        load = asyncio.create_task(sender.run(timeout=timeout))
+        while len(sender.accepted) < after and not load.done():
+            await asyncio.sleep(0.05)
+        accepted_before = len(sender.accepted)
+        with self.node.api_client() as api:
+            await asyncio.to_thread(CoreV1Api(api).delete_namespaced_pod, pod, self.namespace, grace_period_seconds=0,
+                                    body={"gracePeriodSeconds": 0, "propagationPolicy": "Background"})
+        killed_at = time.monotonic()
+        await load
+        assert accepted_before < count, f"the load finished before {pod} was deleted"
+        assert len(sender.accepted) == count
+        return sender, accepted_before, time.monotonic() - killed_at
 
     def wait_delivered(self, api: kubernetes.client.ApiClient, wanted: set[str], *, timeout: float) -> Counter[str]:
         """Wait until every Message-ID in ``wanted`` has reached the simulator; its delivery counts."""
