@@ -9,7 +9,11 @@ revision change in one transaction on a cluster too. Every key a script touches 
     mxg:{fleet}:control             HASH    rev, updated_ms, writer                     (controller writes;
                                                                                           gateways are ready
                                                                                           once it exists)
-    mxg:{fleet}:providers           SET     provider ids that have had jobs             (ingress adds)
+    mxg:{due:<n>}:due               ZSET    the due index, in DUE_SHARDS shards (a provider's shard: crc32 of
+                                            its id): provider -> epoch ms when a gateway should next look at
+                                            its queue; never later than its earliest job (every job write
+                                            brings it forward), dropped when the queue is empty. Gateways
+                                            sleep until the earliest entry instead of polling providers.
     mxg:events                      channel "policies" after a policy change; "wake <provider>" after an
                                             enqueue, so idle dispatchers start at once instead of polling
                                             (a channel, not a key: classic pub/sub reaches every cluster node)
@@ -50,12 +54,15 @@ Provider ids are policy names (``microsoft``) or ``domain:<domain>`` for unmatch
 
 from __future__ import annotations
 
+import zlib
+
 PREFIX = "mxg"
 
 FLEET_TAG = f"{PREFIX}:{{fleet}}"
 POLICIES = f"{FLEET_TAG}:policies"
 CONTROL = f"{FLEET_TAG}:control"
-PROVIDERS = f"{FLEET_TAG}:providers"
+PROVIDERS = f"{FLEET_TAG}:providers"   # the provider index of mxgate <= 0.1.x: moved into the due index at start
+DUE_SHARDS = 4                         # spreads the due index over Cluster slots (and nodes)
 EVENTS = f"{PREFIX}:events"
 
 EVENT_POLICIES = "policies"
@@ -64,6 +71,19 @@ EVENT_FREE = "free"          # "free <provider>": a connection lease was release
 EVENT_LIMITS = "limits"      # "limits <provider>": effective limits changed
 
 DEFAULT_IDENTITY = "default"
+
+
+def due_shard(shard: int) -> str:
+    return f"{PREFIX}:{{due:{shard}}}:due"
+
+
+def due(provider: str) -> str:
+    """The due-index shard that holds ``provider``."""
+    return due_shard(zlib.crc32(provider.encode()) % DUE_SHARDS)
+
+
+def due_shards() -> list[str]:
+    return [due_shard(n) for n in range(DUE_SHARDS)]
 
 
 def provider_tag(provider: str) -> str:

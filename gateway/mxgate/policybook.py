@@ -2,9 +2,10 @@
 
 A controller (``mxgate controller``, ``mxgate dev`` or the Kubernetes operator) writes the policies to
 ``mxg:{fleet}:policies`` and announces each change on ``mxg:events``. The book loads the table at start, reloads
-on every announcement, and also every ``refresh_interval`` seconds in case an announcement was missed
-(pub/sub is fire-and-forget). The same subscription carries the "wake <provider>" messages of ingress,
-which the book hands to the delivery engine.
+on every announcement, after every (re)subscription, and also every ``refresh_interval`` seconds (15) in case an
+announcement was missed on a live subscription (pub/sub is fire-and-forget): five commands, so an idle gateway
+costs Redis a third of a command a second for it. The same subscription carries the "wake <provider>" messages
+of ingress, which the book hands to the delivery engine.
 
 It also keeps each provider's *effective* limits (``mxg:{p:<provider>}:limits``, written by the
 controller as it tightens and relaxes them), reloading one provider's on a "limits <provider>" event and
@@ -46,7 +47,7 @@ _BUILTIN_DEFAULT = Limits()
 
 
 class PolicyBook:
-    def __init__(self, connection: RedisConnection, *, refresh_interval: float = 2.0) -> None:
+    def __init__(self, connection: RedisConnection, *, refresh_interval: float = 15.0) -> None:
         self.connection = connection
         self.redis = connection.client
         self.refresh_interval = refresh_interval

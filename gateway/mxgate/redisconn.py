@@ -472,6 +472,11 @@ class RedisConnection:
             return address, self._client_for_node(address)
         return ("", 0), self.client
 
+    @property
+    def clustered(self) -> bool:
+        """Whether this is a Redis Cluster (keys of different slots may be on different nodes)."""
+        return isinstance(self.client, RedisCluster)
+
     async def acks_required(self, key: str) -> int:
         """How many replicas a write to ``key``'s node must reach now (``--replica-acks``, or auto)."""
         node, client = await self._client_for(key)

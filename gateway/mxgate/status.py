@@ -13,6 +13,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -86,7 +87,10 @@ async def collect(redis: RedisClient, *, window: int = WINDOW_SECONDS) -> list[P
             policies[_text(name)] = ProviderPolicy.from_json(doc)
         except ValidationError:
             continue   # written by a newer controller: its provider is shown with the default limits
-    known = {_text(m) for m in await redis.smembers(keys.PROVIDERS)}
+    known: set[str] = set()
+    for shard in keys.due_shards():
+        members: list[Any] = list(await redis.zrange(shard, 0, -1))
+        known |= {_text(m) for m in members}
     providers = sorted((set(policies) - {DEFAULT_POLICY_NAME}) | known)
     seconds, micros = await redis.time()    # Redis's clock decides the day, as for the gateways' caps
     now_ms = seconds * 1000 + micros // 1000

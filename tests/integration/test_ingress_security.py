@@ -199,7 +199,7 @@ async def spooled(redis_client: aioredis.Redis) -> list[bytes | str]:
 async def assert_nothing_spooled(redis_client: aioredis.Redis) -> None:
     """Ingress never reached the spool: no queue, no job, no provider in the index enqueue adds to."""
     assert await spooled(redis_client) == []
-    assert await redis_client.smembers(keys.PROVIDERS) == set()
+    assert [await redis_client.zcard(shard) for shard in keys.due_shards()] == [0] * keys.DUE_SHARDS
 
 
 async def drained(redis_client: aioredis.Redis, sink: Sink, count: int) -> None:

@@ -339,19 +339,19 @@ async def test_the_renewal_loop_outlives_a_failed_renewal(
         assert setup.sink.handler.message_ids() == {"<slow@example.com>": 1}
 
 
-async def test_the_provider_scan_outlives_a_failure(
+async def test_the_due_watcher_outlives_a_failure(
         redis_server: EmbeddedRedis, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = [0]
-    providers = Spool.providers
+    due = Spool.due
 
-    async def scanned(self: Spool) -> set[str]:
+    async def read(self: Spool, shard: int, *, limit: int = 1000) -> tuple[int, int | None, list[str]]:
         calls[0] += 1
         if calls[0] == 1:
-            raise RuntimeError("injected: scan")
-        return await providers(self)
-    monkeypatch.setattr(Spool, "providers", scanned)
+            raise RuntimeError("injected: due index")
+        return await due(self, shard, limit=limit)
+    monkeypatch.setattr(Spool, "due", read)
     async with gateway_with(redis_server, redis_client, SinkHandler()) as setup:
-        await eventually(lambda: calls[0] >= 2, timeout=10, what="a second scan after the failed one")
+        await eventually(lambda: calls[0] >= 2, timeout=10, what="a second read of the due index after the failed one")
         assert (await setup.internal_errors()).get("scan", 0.0) >= 1
         await setup.send("after-scan")
         await setup.sink.wait_for(1, timeout=10)

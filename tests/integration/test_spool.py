@@ -29,7 +29,7 @@ async def test_enqueue_claim_ack_roundtrip(
     spool = Spool(redis_connection)
     body = b"Subject: x\r\n\r\n" + bytes(range(256)) + b"\r\n"
     await spool.enqueue([_job(body=body)])
-    assert await redis_client.sismember(keys.PROVIDERS, "p")
+    assert await redis_client.zscore(keys.due("p"), "p") is not None   # in the due index
     claim = await spool.claim("p", limit=10, visibility_ms=30_000)
     assert len(claim.jobs) == 1
     job = claim.jobs[0]

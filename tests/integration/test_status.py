@@ -36,7 +36,7 @@ async def test_status_shows_tightening_traffic_and_queue(redis_server: EmbeddedR
                                                                       "deferred_connections": 10})
     await redis_client.zadd(keys.queue("microsoft"), {"a.0": 0, "b.0": 0})
     await redis_client.zadd(keys.leases("microsoft"), {"t1": now * 1000 + 30_000, "t2": now * 1000 - 1})
-    await redis_client.sadd(keys.PROVIDERS, "domain:example.org")
+    await redis_client.zadd(keys.due("domain:example.org"), {"domain:example.org": 0})
     rows = {r.provider: r for r in await collect(redis_client)}
     ms = rows["microsoft"]
     assert (ms.connections, ms.ceiling_connections, ms.open_connections) == (5, 20, 1)  # the expired lease is not open

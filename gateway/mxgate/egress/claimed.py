@@ -51,7 +51,7 @@ from mxgate.telemetry.metrics import Metrics
 log = logging.getLogger("mxgate.delivery")
 
 ACK_BATCH = 64                # acks are batched: one round trip per batch instead of per message
-ACK_DELAY = 0.005             # ... and flushed at least this often (seconds)
+ACK_DELAY = 0.005             # ... and flushed this long after the first of a batch (seconds)
 
 
 class Stage(enum.StrEnum):
@@ -146,6 +146,7 @@ class ClaimedJobs:
         self.pending: dict[tuple[NextHop, ...], deque[Job]] = {}   # held jobs waiting for a connection
         self.acks: list[Job] = []                 # held jobs finished, their ack not yet flushed
         self._poke = asyncio.Event()
+        self._acks_waiting = asyncio.Event()       # set when `acks` gets its first job: the ack loop sleeps till then
 
     def poke(self) -> None:
         self._poke.set()
@@ -288,6 +289,7 @@ class ClaimedJobs:
                 self.held.pop(job.job_id, None)
             else:
                 self.acks.append(job)
+                self._acks_waiting.set()
                 if len(self.acks) >= ACK_BATCH:
                     await self._flush_acks()
         except Exception as exc:
@@ -334,8 +336,14 @@ class ClaimedJobs:
         self.poke()
 
     async def _ack_loop(self) -> None:
+        """Flush acks ``ACK_DELAY`` after the first of a batch; asleep while there is none (an idle dispatcher
+        costs nothing)."""
         while True:
+            await self._acks_waiting.wait()
             await asyncio.sleep(ACK_DELAY)
+            if not self.acks:
+                self._acks_waiting.clear()
+                continue
             try:
                 await self._flush_acks()
             except Exception as exc:  # a dead ack loop would deliver every later message twice

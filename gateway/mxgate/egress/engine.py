@@ -11,9 +11,12 @@ through soon (``prefetch``), so a backlog stays in Redis where every gateway pod
 and renews the visibility lease of the jobs it holds. Connections are reused for up to
 ``maxMessagesPerConnection`` messages and closed after ``idleTimeoutSeconds`` without work.
 
-Dispatchers start when ingress announces new mail ("wake" events), when a periodic scan of the
-provider index finds due work (mail deferred earlier, or jobs left by a crashed pod), and stop after
-a minute of idleness.
+Dispatchers start when ingress announces new mail ("wake" events) or when the fleet's due index
+(``keys.due``: provider -> when its earliest job is due) says a provider's mail is due: mail deferred
+earlier, or jobs a crashed pod held. The engine's watcher reads the index's few shards and sleeps until
+the earliest entry (at most ``WATCH_MAX_SLEEP``); nothing polls per provider. A dispatcher that finds nothing
+due moves its provider's entry to the earliest job (or drops it: the queue is empty), looks once more, then
+sleeps until that job is due or an event pokes it, and stops after ``DISPATCHER_IDLE_EXIT`` holding nothing.
 
 No job stays claimed because something raised: routing a claimed job and sending one over a connection
 each work on it in a turn (``claimed.ClaimedJobs._turn``), so an exception ends that job's attempt with a
@@ -35,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from mxgate import keys
 from mxgate.egress.claimed import ClaimedJobs, Stage, Turn, note_internal_error
 from mxgate.egress.replies import DeferralClass, SmtpReply
 from mxgate.egress.session import DeliveryReport, GreetingRefused, OutboundSession
@@ -50,8 +54,9 @@ from mxgate.telemetry.metrics import Metrics
 
 log = logging.getLogger("mxgate.delivery")
 
-DISPATCHER_IDLE_EXIT = 60.0   # seconds without work before a provider's dispatcher stops
-SCAN_INTERVAL = 2.0           # how often the provider index is scanned for due work
+DISPATCHER_IDLE_EXIT = 10.0   # seconds without work (and holding nothing) before a provider's dispatcher stops
+WATCH_MAX_SLEEP = 10.0        # the due watcher looks at the index at least this often (entries brought forward)
+IDLE_CLAIM_SLEEP = 30.0       # a dispatcher holding claimed jobs looks at its queue at least this often
 CLAIM_STOP_WAIT = 6.0         # how long stop() lets a claim in flight come back (the Redis socket timeout is 5 s)
 CAP_RECHECK = 30.0            # a used-up hourly/daily cap is asked again after this long (a policy may have changed)
 
@@ -95,7 +100,7 @@ class DeliveryEngine:
         book.on_policies(self._policies_changed)
 
     def start(self) -> None:
-        self._scan_task = asyncio.get_running_loop().create_task(self._scan())
+        self._scan_task = asyncio.get_running_loop().create_task(self._watch_due())
 
     def wake(self, provider: str) -> None:
         if self.stopping:
@@ -108,17 +113,25 @@ class DeliveryEngine:
         else:
             dispatcher.poke()
 
-    async def _scan(self) -> None:
+    async def _watch_due(self) -> None:
+        """Wake the dispatchers of providers the due index says are due; sleep until the next entry is (or
+        ``WATCH_MAX_SLEEP``: entries brought forward by other pods are not announced)."""
         while not self.stopping:
+            sleep_for = WATCH_MAX_SLEEP
             try:
-                for provider in await self.spool.providers():
-                    if provider not in self.dispatchers or self.dispatchers[provider].done:
+                shards = await asyncio.gather(*(self.spool.due(n) for n in range(keys.DUE_SHARDS)))
+                for now_ms, later_ms, providers in shards:
+                    for provider in providers:
                         self.wake(provider)
+                    if later_ms is not None:
+                        sleep_for = min(sleep_for, max(0.01, (later_ms - now_ms) / 1000))
             except SpoolError as exc:
-                log.warning("provider scan failed: %s", exc)
-            except Exception as exc:  # the scan restarts dispatchers: it must outlive any defect
+                log.warning("due index not read: %s", exc)
+                sleep_for = 1.0
+            except Exception as exc:  # the watcher restarts dispatchers: it must outlive any defect
                 note_internal_error(self.metrics, Stage.SCAN, exc, provider="")
-            await asyncio.sleep(SCAN_INTERVAL)
+                sleep_for = 1.0
+            await asyncio.sleep(sleep_for)
 
     async def stop(self, *, grace: float) -> None:
         """Stop claiming; let connections finish their current message; hand everything else back."""
@@ -158,6 +171,9 @@ class ProviderDispatcher(ClaimedJobs):
         self.paused_until = 0.0
         self.capped_until = 0.0             # monotonic: the hourly/daily cap is used up until then (or a recheck)
         self.cap_resets_at = 0.0
+        # Where this dispatcher last put its provider's due-index entry: 0 = not known (as an enqueue leaves
+        # it: due now), None = dropped (the queue was empty), else epoch ms.
+        self._index_at: int | None = 0
         self._work = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
         self._waiting_for_lease: set[asyncio.Task[Any]] = set()
@@ -271,10 +287,26 @@ class ProviderDispatcher(ClaimedJobs):
             await self._route(job)
         self._spawn_connections()
         if claim.jobs:
+            self._index_at = 0   # jobs were due, so someone had brought the entry forward
             return 0.0, True, False
+        if await self._settle_index(claim.next_due_ms, claim.now_ms):
+            return 0.0, False, False   # look once more: a job written meanwhile may be due (see Spool.settle)
         if claim.next_due_ms is not None:
-            return min(1.0, max(0.001, (claim.next_due_ms - claim.now_ms) / 1000)), False, False
-        return 1.0, False, True
+            wait = (claim.next_due_ms - claim.now_ms) / 1000
+            return min(IDLE_CLAIM_SLEEP if self.held else DISPATCHER_IDLE_EXIT, max(0.001, wait)), False, True
+        return DISPATCHER_IDLE_EXIT, False, True
+
+    async def _settle_index(self, next_due_ms: int | None, now_ms: int) -> bool:
+        """Move the provider's due-index entry to its earliest job (drop it when the queue is empty), when the
+        entry would otherwise wake the fleet for nothing; whether it was moved (the caller then looks again)."""
+        if next_due_ms is None:
+            if self._index_at is None:
+                return False
+        elif self._index_at is not None and self._index_at > now_ms or next_due_ms <= now_ms + 1000:
+            return False   # the entry is in the future already, or the job is due in a moment anyway
+        await self.engine.spool.settle(self.provider, next_due_ms)
+        self._index_at = next_due_ms
+        return True
 
     async def _route(self, job: Job) -> None:
         """Put a newly claimed job where it belongs: the queue of its next hops here, another provider's

@@ -150,10 +150,11 @@ class Spool:
         self.stage_ms = stage_ms     # tests shorten it; an uncommitted staged job is dropped at twice its age
         self.redis = connection.client
         self._texts = {name: _script(name) for name in (
-            "enqueue", "claim", "ack", "defer", "extend", "promote", "withdraw", "confirm", "commit", "uncommit")}
+            "enqueue", "claim", "ack", "defer", "extend", "promote", "withdraw", "confirm", "commit", "uncommit",
+        "index")}
         self._scripts: dict[str, AsyncScript] = {
             name: self.redis.register_script(text) for name, text in self._texts.items()}
-        self._registered: dict[str, float] = {}
+        self._due_script = self.redis.register_script(_script("due"))
 
     def _call(self, name: str, keys_: Sequence[str], args: Sequence[Any]) -> ScriptCall:
         script = self._scripts[name]
@@ -169,7 +170,6 @@ class Spool:
         commit_key = keys.commit(jobs[0].provider, jobs[0].queue_id) if len(jobs) > 1 else None
         try:
             async with asyncio.timeout(ENQUEUE_TIMEOUT):
-                await self._register(job.provider for job in jobs)
                 if commit_key is None:
                     await self._enqueue_one(jobs[0])
                 else:
@@ -221,12 +221,24 @@ class Spool:
         return all(int(result) == 1 for outcome in promoted for result in outcome.results)
 
     async def _store(self, jobs: Sequence[NewJob], *, stage_ms: int) -> None:
-        """Write ``jobs`` (one script call each, one pipeline per Redis node) and wait for their replicas."""
+        """Write ``jobs`` (one script call each, one pipeline per Redis node) and wait for their replicas; then
+        bring their providers' due-index entries forward (index.lua), replicated too, before any 250: a job
+        without its entry would wait for the next mail to its provider. On one server (or Sentinel) the
+        entries ride in the jobs' pipeline, after them, under the same WAIT; on a cluster they may be on
+        other nodes and follow in a second round."""
+        by_provider = _by_provider(jobs)
         groups = [(keys.queue(provider), [
             self._call("enqueue", _job_keys(job), [job.job_id, keys.EVENTS, f"{keys.EVENT_WAKE} {provider}",
                                                     stage_ms, *job.fields()]) for job in group])
-            for provider, group in _by_provider(jobs).items()]
-        outcomes = await self.connection.durable_many(groups)
+            for provider, group in by_provider.items()]
+        index = [(keys.due(provider), [self._call("index", [keys.due(provider)], [provider, 0])])
+                 for provider in by_provider]
+        if self.connection.clustered:
+            outcomes = await self.connection.durable_many(groups)
+            if all(outcome.replicated for outcome in outcomes):
+                outcomes += await self.connection.durable_many(index)
+        else:
+            outcomes = await self.connection.durable_many([*groups, *index])
         short = [outcome for outcome in outcomes if not outcome.replicated]
         if short:
             raise _NotReplicated(short[0].replicas, short[0].required)
@@ -245,28 +257,50 @@ class Spool:
             # that stays will be delivered (the client's retry is then a duplicate, never a loss).
             log.warning("could not withdraw the jobs of a refused message: %s", exc or type(exc).__name__)
 
-    async def _register(self, providers: Iterable[str]) -> None:
-        """Add providers to the index the dispatchers scan, at most once a minute per provider per process."""
-        now = time.monotonic()
-        new = [p for p in set(providers) if self._registered.get(p, 0.0) < now]
-        if new:
-            await self.redis.sadd(keys.PROVIDERS, *new)
-            for provider in new:
-                self._registered[provider] = now + 60.0
+    # -- the due index ------------------------------------------------------------------------------------
+
+    async def _index(self, providers: Iterable[str], *, delay_ms: int = 0) -> None:
+        """Bring the providers' due-index entries forward to ``delay_ms`` from now (never later)."""
+        await self.connection.durable_many([
+            (keys.due(p), [self._call("index", [keys.due(p)], [p, max(0, delay_ms)])]) for p in sorted(set(providers))],
+            wait=False)
+
+    async def settle(self, provider: str, next_due_ms: int | None) -> None:
+        """A dispatcher saw ``provider``'s earliest job at ``next_due_ms`` (None: the queue is empty): move the
+        entry there (or drop it). The caller must then look at the queue once more (a claim), because a job
+        written meanwhile may have brought the entry forward just before this call moved it back."""
+        try:
+            if next_due_ms is None:
+                await self.redis.zrem(keys.due(provider), provider)
+            else:
+                await self.redis.zadd(keys.due(provider), {provider: next_due_ms})
+        except REDIS_ERRORS as exc:
+            raise SpoolError(f"due index not updated: {self.connection.target.redact(str(exc))}") from exc
+
+    async def due(self, shard: int, *, limit: int = 1000) -> tuple[int, int | None, list[str]]:
+        """One shard of the due index: (Redis now in ms, the earliest later entry or None, providers due)."""
+        try:
+            reply: list[Any] = await self._due_script(keys=[keys.due_shard(shard)], args=[limit])
+        except REDIS_ERRORS as exc:
+            raise SpoolError(f"due index not read: {self.connection.target.redact(str(exc))}") from exc
+        later = int(reply[1])
+        return int(reply[0]), None if later < 0 else later, [_text(m) for m in reply[2:]]
 
     async def adopt_old_provider_index(self) -> int:
-        """Mail queued by mxgate 0.1 is listed in ``mxg:providers`` (before the fleet keys had a hash tag): move
-        those providers into the index the dispatchers scan, so an upgrade leaves no queue unscanned. Returns how
-        many were moved; a no-op once done."""
-        old = f"{keys.PREFIX}:providers"
+        """Mail queued by mxgate <= 0.1.x is listed in a provider SET (``mxg:providers``, later
+        ``mxg:{fleet}:providers``): put those providers in the due index, due now, so an upgrade leaves no queue
+        unlooked-at (a provider found empty then leaves the index). Returns how many; a no-op once done."""
+        moved = 0
         try:
-            members = await self.redis.smembers(old)
-            if members:
-                await self.redis.sadd(keys.PROVIDERS, *members)
-                await self.redis.delete(old)
+            for old in (f"{keys.PREFIX}:providers", keys.PROVIDERS):
+                members = [_text(m) for m in await self.redis.smembers(old)]
+                if members:
+                    await self._index(members)
+                    await self.redis.delete(old)
+                    moved += len(members)
         except REDIS_ERRORS as exc:
             raise SpoolError(f"provider index not migrated: {self.connection.target.redact(str(exc))}") from exc
-        return len(members)
+        return moved
 
     # -- claims --------------------------------------------------------------------------------------------
 
@@ -342,9 +376,12 @@ class Spool:
         if last_reply is not None:
             fields += ["last", last_reply]
         try:
-            return bool(await self._scripts["defer"](
+            deferred = bool(await self._scripts["defer"](
                 keys=[keys.queue(job.provider), keys.claims(job.provider), keys.job(job.provider, job.job_id)],
                 args=[job.job_id, job.token, max(0, delay_ms), *fields]))
+            if deferred:
+                await self._index([job.provider], delay_ms=delay_ms)
+            return deferred
         except REDIS_ERRORS as exc:
             raise SpoolError(f"defer failed: {self.connection.target.redact(str(exc))}") from exc
 
@@ -376,11 +413,17 @@ class Spool:
             raise SpoolError(f"depth failed: {self.connection.target.redact(str(exc))}") from exc
 
     async def providers(self) -> set[str]:
+        """Every provider in the due index: those with queued jobs (and, briefly, some just emptied)."""
         try:
-            members = await self.redis.smembers(keys.PROVIDERS)
+            shards: list[Any] = list(await asyncio.gather(
+                *(self.redis.zrange(key, 0, -1) for key in keys.due_shards())))
         except REDIS_ERRORS as exc:
             raise SpoolError(f"providers failed: {self.connection.target.redact(str(exc))}") from exc
-        return {m.decode() if isinstance(m, bytes) else m for m in members}
+        return {_text(m) for members in shards for m in members}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class _NotReplicated(SpoolError):
