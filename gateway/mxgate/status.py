@@ -13,7 +13,6 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -22,6 +21,7 @@ from mxgate.limits.effective import Effective
 from mxgate.limits.warmup import daily_cap, utc_date
 from mxgate.policy import DEFAULT_POLICY_NAME, Limits, ProviderPolicy
 from mxgate.redisconn import RedisClient
+from mxgate.spool.store import due_providers
 from mxgate.telemetry.fleet import read_window
 
 WINDOW_SECONDS = 60
@@ -87,10 +87,7 @@ async def collect(redis: RedisClient, *, window: int = WINDOW_SECONDS) -> list[P
             policies[_text(name)] = ProviderPolicy.from_json(doc)
         except ValidationError:
             continue   # written by a newer controller: its provider is shown with the default limits
-    known: set[str] = set()
-    for shard in keys.due_shards():
-        members: list[Any] = list(await redis.zrange(shard, 0, -1))
-        known |= {_text(m) for m in members}
+    known = await due_providers(redis)
     providers = sorted((set(policies) - {DEFAULT_POLICY_NAME}) | known)
     seconds, micros = await redis.time()    # Redis's clock decides the day, as for the gateways' caps
     now_ms = seconds * 1000 + micros // 1000

@@ -92,7 +92,7 @@ class DeliveryEngine:
         self.metrics = metrics
         self.dispatchers: dict[str, ProviderDispatcher] = {}
         self.stopping = False
-        self._scan_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._rng = random.Random()
         book.on_wake(self.wake)
         book.on_free(limiter.released)
@@ -100,7 +100,7 @@ class DeliveryEngine:
         book.on_policies(self._policies_changed)
 
     def start(self) -> None:
-        self._scan_task = asyncio.get_running_loop().create_task(self._watch_due())
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch_due())
 
     def wake(self, provider: str) -> None:
         if self.stopping:
@@ -136,8 +136,8 @@ class DeliveryEngine:
     async def stop(self, *, grace: float) -> None:
         """Stop claiming; let connections finish their current message; hand everything else back."""
         self.stopping = True
-        if self._scan_task:
-            await cancel_and_wait([self._scan_task])
+        if self._watch_task:
+            await cancel_and_wait([self._watch_task])
         await asyncio.gather(*(d.stop(grace=grace) for d in self.dispatchers.values()), return_exceptions=True)
 
     def random(self) -> float:
@@ -302,7 +302,7 @@ class ProviderDispatcher(ClaimedJobs):
         if next_due_ms is None:
             if self._index_at is None:
                 return False
-        elif self._index_at is not None and self._index_at > now_ms or next_due_ms <= now_ms + 1000:
+        elif (self._index_at is not None and self._index_at > now_ms) or next_due_ms <= now_ms + 1000:
             return False   # the entry is in the future already, or the job is due in a moment anyway
         await self.engine.spool.settle(self.provider, next_due_ms)
         self._index_at = next_due_ms

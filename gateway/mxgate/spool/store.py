@@ -44,7 +44,7 @@ from redis.commands.core import AsyncScript
 
 from mxgate import keys
 from mxgate.errors import SpoolError
-from mxgate.redisconn import REDIS_ERRORS, RedisConnection, ScriptCall
+from mxgate.redisconn import REDIS_ERRORS, RedisClient, RedisConnection, ScriptCall
 
 log = logging.getLogger("mxgate.spool")
 
@@ -151,10 +151,9 @@ class Spool:
         self.redis = connection.client
         self._texts = {name: _script(name) for name in (
             "enqueue", "claim", "ack", "defer", "extend", "promote", "withdraw", "confirm", "commit", "uncommit",
-        "index")}
+            "index", "due")}
         self._scripts: dict[str, AsyncScript] = {
             name: self.redis.register_script(text) for name, text in self._texts.items()}
-        self._due_script = self.redis.register_script(_script("due"))
 
     def _call(self, name: str, keys_: Sequence[str], args: Sequence[Any]) -> ScriptCall:
         script = self._scripts[name]
@@ -280,7 +279,7 @@ class Spool:
     async def due(self, shard: int, *, limit: int = 1000) -> tuple[int, int | None, list[str]]:
         """One shard of the due index: (Redis now in ms, the earliest later entry or None, providers due)."""
         try:
-            reply: list[Any] = await self._due_script(keys=[keys.due_shard(shard)], args=[limit])
+            reply: list[Any] = await self._scripts["due"](keys=[keys.due_shard(shard)], args=[limit])
         except REDIS_ERRORS as exc:
             raise SpoolError(f"due index not read: {self.connection.target.redact(str(exc))}") from exc
         later = int(reply[1])
@@ -415,11 +414,15 @@ class Spool:
     async def providers(self) -> set[str]:
         """Every provider in the due index: those with queued jobs (and, briefly, some just emptied)."""
         try:
-            shards: list[Any] = list(await asyncio.gather(
-                *(self.redis.zrange(key, 0, -1) for key in keys.due_shards())))
+            return await due_providers(self.redis)
         except REDIS_ERRORS as exc:
             raise SpoolError(f"providers failed: {self.connection.target.redact(str(exc))}") from exc
-        return {_text(m) for members in shards for m in members}
+
+
+async def due_providers(redis: RedisClient) -> set[str]:
+    """Every provider in the due index (all shards): those with queued jobs, and briefly some just emptied."""
+    shards: list[Any] = list(await asyncio.gather(*(redis.zrange(key, 0, -1) for key in keys.due_shards())))
+    return {_text(m) for members in shards for m in members}
 
 
 def _text(value: bytes | str) -> str:
