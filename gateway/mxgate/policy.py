@@ -207,6 +207,32 @@ class Retry(_Model):
         return self
 
 
+#: Outbound SMTP stage timeouts: a second is the least a loaded next hop needs; an hour the longest a
+#: connection may sit on one command (RFC 5321's longest, the end of DATA, is 10 minutes).
+StageTimeout = Annotated[str, DurationRange("1s", "1h")]
+
+
+class Timeouts(_Model):
+    """How long a connection to this provider waits at each SMTP stage before the attempt is deferred
+    (``451 4.4.2 timed out``) and the connection closed. Defaults: RFC 5321 section 4.5.3.2, and Postfix's
+    ``smtp_connect_timeout`` for the TCP connection, which the RFC leaves open. From 1s to 1h each."""
+
+    connect: StageTimeout = Field(
+        default="30s", description="Opening the TCP connection to one address of a next hop (then the next "
+        "address is tried). From 1s to 1h.")
+    greeting: StageTimeout = Field(
+        default="5m", description="The next hop's 220 greeting once connected (RFC 5321: 5 minutes). From 1s to 1h.")
+    helo: StageTimeout = Field(
+        default="5m", description="Each of EHLO (or HELO) and STARTTLS with its handshake (Postfix: 300s). From 1s to 1h.")
+    mail: StageTimeout = Field(default="5m", description="The reply to MAIL FROM (RFC 5321: 5 minutes). From 1s to 1h.")
+    rcpt: StageTimeout = Field(default="5m", description="The reply to each RCPT TO (RFC 5321: 5 minutes). From 1s to 1h.")
+    data_init: StageTimeout = Field(
+        default="2m", description="The 354 reply to the DATA command (RFC 5321: 2 minutes). From 1s to 1h.")
+    data_done: StageTimeout = Field(
+        default="10m", description="Sending the message and the reply to its final dot (RFC 5321: 10 minutes "
+        "for the reply; the transfer counts into it). From 1s to 1h.")
+
+
 class ConnectionsAndRate(_Model):
     """A pair of values: one for the connection limit, one for the message rate."""
 
@@ -372,6 +398,8 @@ class ProviderPolicySpec(_Model):
     route: Route | None = Field(default=None, description="Static next hops; when unset, DNS MX is used.")
     limits: Limits = Field(default_factory=Limits, description="Fleet-wide limits towards this provider.")
     retry: Retry = Field(default_factory=Retry, description="Retry schedule and maximum age of deferred mail.")
+    timeouts: Timeouts = Field(default_factory=Timeouts,
+                               description="Outbound SMTP timeouts per stage (RFC 5321 section 4.5.3.2 defaults).")
     adaptive: Adaptive = Field(default_factory=Adaptive, description="Automatic tightening and recovery.")
     responses: list[ResponseRule] = Field(
         default_factory=list, max_length=64,

@@ -29,6 +29,7 @@ from mxgate import keys
 from mxgate.duration import parse_duration
 from mxgate.egress.outcome import CompiledRule, compile_rules
 from mxgate.egress.retry import RetrySchedule
+from mxgate.egress.timeouts import StageTimeouts
 from mxgate.limits.effective import Effective
 from mxgate.policy import (
     DEFAULT_POLICY_NAME,
@@ -37,6 +38,7 @@ from mxgate.policy import (
     ProviderTable,
     ResponseRule,
     Retry,
+    Timeouts,
     Warmup,
 )
 from mxgate.redisconn import REDIS_ERRORS, RedisConnection
@@ -60,6 +62,7 @@ class PolicyBook:
         self._on_limits: list[Callable[[str], None]] = []
         self._on_policies: list[Callable[[], None]] = []
         self._schedules: dict[Retry, RetrySchedule] = {}
+        self._timeouts: dict[Timeouts, StageTimeouts] = {}
         self._rules: dict[tuple[ResponseRule, ...], tuple[CompiledRule, ...]] = {}
         self._background: set[asyncio.Task[bool]] = set()
 
@@ -101,6 +104,18 @@ class PolicyBook:
                 initial_delay=parse_duration(spec.initial_delay), max_delay=parse_duration(spec.max_delay),
                 throttled_delay=parse_duration(spec.throttled_delay),
                 throttled_max_delay=parse_duration(spec.throttled_max_delay), max_age=parse_duration(spec.max_age))
+        return cached
+
+    def timeouts(self, provider: str) -> StageTimeouts:
+        """The policy's outbound stage timeouts, in seconds (unmatched domains use the default policy's)."""
+        policy = self.governing(provider)
+        spec = policy.spec.timeouts if policy else Timeouts()
+        cached = self._timeouts.get(spec)
+        if cached is None:
+            cached = self._timeouts[spec] = StageTimeouts(
+                connect=parse_duration(spec.connect), greeting=parse_duration(spec.greeting),
+                helo=parse_duration(spec.helo), mail=parse_duration(spec.mail), rcpt=parse_duration(spec.rcpt),
+                data_init=parse_duration(spec.data_init), data_done=parse_duration(spec.data_done))
         return cached
 
     def rules(self, provider: str) -> tuple[CompiledRule, ...]:

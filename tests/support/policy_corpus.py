@@ -85,6 +85,9 @@ REFUSALS: dict[str, Refusal] = {
     "suspend-zero.yaml": Refusal("model", "'0s' is out of range: must be from 1s to 24h", "spec.responses"),
     "suspend-too-long.yaml": Refusal("model", "'2d' is out of range: must be from 1s to 24h", "spec.responses"),
     "max-delay-below-initial.yaml": Refusal("model", "must not be shorter than initialDelay", "spec.retry.maxDelay"),
+    "timeout-too-short.yaml": Refusal("model", "'500ms' is out of range: must be from 1s to 1h",
+                                      "spec.timeouts.dataDone"),
+    "timeout-too-long.yaml": Refusal("model", "'1d' is out of range: must be from 1s to 1h", "spec.timeouts.greeting"),
     # -- numbers and the rest of the model
     "zero-rate.yaml": Refusal("model", "greater than or equal to 0.01", "spec.limits.messagesPerSecond"),
     "tiny-rate.yaml": Refusal("model", "greater than or equal to 0.01", "spec.limits.messagesPerSecond"),

@@ -69,7 +69,8 @@ def test_every_duration_field_has_the_models_syntax_and_bounds() -> None:
     durations = {path: prop for path, prop in _fields(schema, "spec") if prop.get("pattern") == DURATION_PATTERN}
     assert set(durations) == {"spec.retry.initialDelay", "spec.retry.maxDelay", "spec.retry.throttledDelay",
                               "spec.retry.throttledMaxDelay", "spec.retry.maxAge", "spec.adaptive.evaluationWindow",
-                              "spec.responses[].duration"}
+                              "spec.responses[].duration", *(f"spec.timeouts.{stage}" for stage in (
+                                  "connect", "greeting", "helo", "mail", "rcpt", "dataInit", "dataDone"))}
     for path, prop in durations.items():
         assert prop["type"] == "string" and prop["maxLength"] == MAX_DURATION_LENGTH
         (rule,) = prop["x-kubernetes-validations"]

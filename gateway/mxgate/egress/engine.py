@@ -34,7 +34,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -77,7 +77,6 @@ class Limiter(Protocol):
 class EngineSettings:
     helo_name: str
     visibility_ms: int = 60_000          # claim lease; renewed every third of it while the job is held
-    command_timeout: float = 60.0
     starttls: bool = True
 
 
@@ -175,6 +174,9 @@ class ProviderDispatcher(ClaimedJobs):
         # it: due now), None = dropped (the queue was empty), else epoch ms.
         self._index_at: int | None = 0
         self._work = asyncio.Condition()
+        # Connections per next hops that are connecting or in a transaction: they cannot take another job
+        # now, so queued jobs beyond the others get connections of their own (no head-of-line blocking).
+        self._busy: dict[tuple[NextHop, ...], int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._waiting_for_lease: set[asyncio.Task[Any]] = set()
 
@@ -343,8 +345,9 @@ class ProviderDispatcher(ClaimedJobs):
             return  # (stopping: stop() collected the connections to wait for, no new one may start)
         for hops, queue in self.pending.items():
             tasks = self.connections.setdefault(hops, set())
-            # One connection per queued job at most (the rest can wait for a reused connection).
-            while queue and len(tasks) < len(queue) and self.open_connections() < limit:
+            # One connection per queued job at most, not counting those busy connecting or sending, which
+            # cannot take it now (one hanging at the next hop must not hold the jobs behind it).
+            while queue and len(tasks) - self._busy.get(hops, 0) < len(queue) and self.open_connections() < limit:
                 task = asyncio.get_running_loop().create_task(self._connection(hops))
                 tasks.add(task)
                 task.add_done_callback(functools.partial(self._connection_ended, tasks))
@@ -354,6 +357,20 @@ class ProviderDispatcher(ClaimedJobs):
         self.poke()
 
     # -- connections ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _busy_with(self, hops: tuple[NextHop, ...]) -> Iterator[None]:
+        """A connection to ``hops`` is connecting or sending for a while: the jobs queued behind it get
+        connections of their own if the limits allow."""
+        self._busy[hops] = self._busy.get(hops, 0) + 1
+        try:
+            if self.pending.get(hops):
+                self._spawn_connections()
+            yield
+        finally:
+            self._busy[hops] -= 1
+            if not self._busy[hops]:
+                del self._busy[hops]
 
     async def _next_job(self, hops: tuple[NextHop, ...], *, wait: float, lease: Lease | None = None) -> Job | None:
         """The next queued job for ``hops``, waiting up to ``wait`` seconds; None when there is none, or
@@ -444,9 +461,10 @@ class ProviderDispatcher(ClaimedJobs):
             return None
         turn.stage = Stage.CONNECT
         session = OutboundSession(helo_name=engine.settings.helo_name, resolver=engine.router.resolver,
-                                  timeout=engine.settings.command_timeout, starttls=engine.settings.starttls)
+                                  timeouts=engine.book.timeouts(self.provider), starttls=engine.settings.starttls)
         try:
-            await session.open(hops)
+            with self._busy_with(hops):
+                await session.open(hops)
         except GreetingRefused as exc:
             engine.metrics.connection_error(self.provider)
             verdict = await self._finish(job, DeliveryReport({r: exc.reply for r in job.recipients}, exc.hop.host))
@@ -470,7 +488,8 @@ class ProviderDispatcher(ClaimedJobs):
         if not await self._permit(hops, job):
             return False   # suspended, or the cap is used up: the job is queued again, the connection closes
         turn.stage = Stage.DELIVER
-        report = await self._attempt(session, job)
+        with self._busy_with(hops):
+            report = await self._attempt(session, job)
         turn.stage = Stage.RECORD
         verdict = await self._finish(job, report)
         self._reflex(verdict.deferral if verdict.deferred else None, delivered=bool(verdict.delivered))

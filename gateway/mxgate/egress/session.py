@@ -10,6 +10,11 @@ session reconnects in plain text rather than deferring the mail.
 A refusal in the greeting (``421 4.7.652 ... maximum number of connections``) is not a broken next hop
 but a throttling signal: it surfaces as ``GreetingRefused`` carrying the reply for classification.
 
+Every stage has its own timeout (``StageTimeouts``, from the policy's ``spec.timeouts``; RFC 5321 §4.5.3.2
+defaults): the TCP connection, the greeting, EHLO and STARTTLS, MAIL, each RCPT, DATA's 354 and the final
+reply after the message. A stage that times out defers the attempt (``451 4.4.2 timed out ...``, naming the
+stage) and closes the connection: its state is unknown.
+
 An address no command line can carry (``mxgate.envelope.unsendable``: a job spooled before ingress
 refused such paths) is never handed to aiosmtplib, which would raise: ``deliver`` answers it itself with
 a permanent ``553 5.1.7`` (the sender: every recipient fails) or ``553 5.1.3`` (that recipient only).
@@ -17,7 +22,10 @@ a permanent ``553 5.1.7`` (the sender: every recipient fails) or ``553 5.1.3`` (
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import re
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +34,7 @@ import aiosmtplib
 from aiosmtplib import SMTPResponseException, SMTPServerDisconnected, SMTPTimeoutError
 
 from mxgate.egress.replies import SmtpReply
+from mxgate.egress.timeouts import StageTimeouts
 from mxgate.envelope import unsendable
 from mxgate.errors import DeliveryError
 from mxgate.routing.dns import MxResolver
@@ -44,7 +53,25 @@ class GreetingRefused(DeliveryError):
 
 # Replies we synthesise when the remote never answered: they classify as ordinary deferrals.
 LOST_CONNECTION = SmtpReply(451, "4.4.2", "connection to the next hop lost")
-TIMED_OUT = SmtpReply(451, "4.4.2", "timed out waiting for the next hop")
+
+
+def timed_out(stage: str) -> SmtpReply:
+    """The reply an attempt ends with when the next hop did not answer ``stage`` in time."""
+    return SmtpReply(451, "4.4.2", f"timed out waiting for the next hop ({stage})")
+
+
+# RFC 5321 §4.5.2: a line starting with "." gets one more; a bare CR or LF becomes CRLF on the wire.
+_LONE_EOL = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+def data_on_the_wire(body: bytes) -> bytes:
+    """``body`` as DATA sends it: CRLF line ends, dot-stuffed, ending in ``CRLF.CRLF``."""
+    if _LONE_EOL.search(body) is not None:
+        body = _LONE_EOL.sub(b"\r\n", body)
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    return _LEADING_DOT.sub(b"..", body) + b".\r\n"
 
 
 def _insecure_tls_context() -> ssl.SSLContext:
@@ -71,11 +98,11 @@ class DeliveryReport:
 
 
 class OutboundSession:
-    def __init__(self, *, helo_name: str, resolver: MxResolver | None, timeout: float = 60.0,
-                 starttls: bool = True) -> None:
+    def __init__(self, *, helo_name: str, resolver: MxResolver | None,
+                 timeouts: StageTimeouts = StageTimeouts(), starttls: bool = True) -> None:
         self.helo_name = helo_name
         self.resolver = resolver
-        self.timeout = timeout
+        self.timeouts = timeouts
         self.starttls = starttls
         self.smtp: aiosmtplib.SMTP | None = None
         self.hop: NextHop | None = None
@@ -119,26 +146,57 @@ class OutboundSession:
         raise DeliveryError("no next hop reachable: " + "; ".join(failures or ["no next hops"]))
 
     async def _connect(self, hop: NextHop, address: str, *, tls: bool) -> None:
-        smtp = aiosmtplib.SMTP(hostname=address, port=hop.port, local_hostname=self.helo_name,
-                               timeout=self.timeout, start_tls=False)
+        t = self.timeouts
+        sock = await self._tcp(address, hop.port)
+        smtp = aiosmtplib.SMTP(sock=sock, local_hostname=self.helo_name, timeout=t.helo, start_tls=False)
         try:
-            await smtp.connect()
+            await smtp.connect(timeout=t.greeting)
         except aiosmtplib.SMTPConnectResponseError as exc:
             smtp.close()
             raise GreetingRefused(hop, SmtpReply.parse(exc.code, exc.message)) from exc
+        except SMTPTimeoutError:
+            smtp.close()
+            sock.close()
+            raise TimeoutError(f"no greeting within {t.greeting:g} s") from None
+        except BaseException:
+            smtp.close()
+            sock.close()
+            raise
         try:
-            await smtp.ehlo()
-        except SMTPResponseException:
-            await smtp.helo()
-        if tls and smtp.supports_extension("starttls"):
             try:
-                await smtp.starttls(tls_context=_insecure_tls_context(), server_hostname=hop.host)
-            except (ssl.SSLError, OSError, aiosmtplib.SMTPException) as exc:
-                smtp.close()
-                raise _TlsFailed(str(exc)) from exc
+                await smtp.ehlo(timeout=t.helo)
+            except SMTPResponseException:
+                await smtp.helo(timeout=t.helo)
+            if tls and smtp.supports_extension("starttls"):
+                try:
+                    await smtp.starttls(tls_context=_insecure_tls_context(), server_hostname=hop.host,
+                                        timeout=t.helo)
+                except (ssl.SSLError, OSError, aiosmtplib.SMTPException) as exc:
+                    smtp.close()
+                    raise _TlsFailed(str(exc)) from exc
+        except BaseException:
+            smtp.close()
+            raise
         self.smtp = smtp
         self.hop = hop
         self.messages = 0
+
+    async def _tcp(self, address: str, port: int) -> socket.socket:
+        """A TCP connection to ``address``, opened within ``timeouts.connect`` (aiosmtplib's own connect has
+        one timeout for the connection and the greeting together)."""
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (address, port)),
+                                   self.timeouts.connect)
+        except TimeoutError:
+            sock.close()
+            raise TimeoutError(f"no TCP connection within {self.timeouts.connect:g} s") from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def deliver(self, job: Job) -> DeliveryReport:
         """One MAIL/RCPT/DATA transaction. Never raises for remote replies; the session may end up unusable."""
@@ -159,20 +217,24 @@ class OutboundSession:
         if not sendable:
             return DeliveryReport(replies, "")
         self.messages += 1
+        t = self.timeouts
+        stage = "MAIL"
         try:
             mail_args = [b"FROM:<" + job.sender.encode("utf-8", "surrogateescape") + b">"]
             if smtp.supports_extension("8bitmime") and any(b > 0x7F for b in job.body[:65536]):
                 mail_args.append(b"BODY=8BITMIME")
             if smtp.supports_extension("smtputf8") and not (job.sender + "".join(job.recipients)).isascii():
                 mail_args.append(b"SMTPUTF8")
-            response = await smtp.execute_command(b"MAIL", *mail_args)
+            response = await smtp.execute_command(b"MAIL", *mail_args, timeout=t.mail)
             if response.code != 250:
                 reply = SmtpReply.parse(response.code, response.message)
                 await self._reset()
                 return DeliveryReport({r: replies.get(r, reply) for r in job.recipients}, remote)
             accepted = []
+            stage = "RCPT"
             for rcpt in sendable:
-                response = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode("utf-8", "surrogateescape") + b">")
+                response = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode("utf-8", "surrogateescape") + b">",
+                                                      timeout=t.rcpt)
                 replies[rcpt] = SmtpReply.parse(response.code, response.message)
                 if 200 <= response.code < 300:
                     accepted.append(rcpt)
@@ -183,19 +245,31 @@ class OutboundSession:
             if not accepted:
                 await self._reset()
                 return DeliveryReport(replies, remote)
-            try:
-                response = await smtp.data(job.body)
-                final = SmtpReply.parse(response.code, response.message)
-            except SMTPResponseException as exc:
-                final = SmtpReply.parse(exc.code, exc.message)
-                if exc.code == 421:
-                    smtp.close()
+            stage = "DATA"
+            response = await smtp.execute_command(b"DATA", timeout=t.data_init)
+            if response.code == 354:
+                stage = "end of DATA"
+                protocol = smtp.protocol
+                assert protocol is not None
+                # No await between the write and the read: the reply cannot arrive unexpected.
+                protocol.write(data_on_the_wire(job.body))
+                response = await protocol.read_response(timeout=t.data_done)
+            final = SmtpReply.parse(response.code, response.message)
+            if response.code == 421:
+                self.close()
+            elif response.code == 354:   # only a broken server answers the end of data with 354
+                self.close()
+                final = SmtpReply(451, "4.4.2", f"the next hop answered the end of data with {response.code}")
+            elif not 200 <= response.code < 300 and stage == "DATA":
+                await self._reset()
             for rcpt in accepted:
                 replies[rcpt] = final
             return DeliveryReport(replies, remote)
         except SMTPTimeoutError:
             self.close()
-            return DeliveryReport({r: replies.get(r, TIMED_OUT) for r in job.recipients}, remote)
+            late = timed_out(stage)
+            return DeliveryReport({r: late if r in accepted or r not in replies else replies[r]
+                                   for r in job.recipients}, remote)
         except (SMTPServerDisconnected, OSError):
             self.close()
             # A recipient already refused keeps its reply; the others are retried.
@@ -207,7 +281,7 @@ class OutboundSession:
         if self.usable:
             try:
                 assert self.smtp is not None
-                await self.smtp.rset()
+                await self.smtp.rset(timeout=self.timeouts.rset)
             except (aiosmtplib.SMTPException, OSError):
                 self.close()
 
@@ -215,7 +289,7 @@ class OutboundSession:
         if self.usable:
             assert self.smtp is not None
             try:
-                await self.smtp.quit(timeout=5)
+                await self.smtp.quit(timeout=self.timeouts.quit)
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
                 pass
         self.close()
