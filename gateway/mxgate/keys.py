@@ -147,5 +147,8 @@ def telemetry(provider: str, second: int) -> str:
     return f"{provider_tag(provider)}:tm:{second}"
 
 
+ADJUSTMENTS_KEPT = 200   # entries of a provider's adjustments list (the controller's and the gateways' changes)
+
+
 def adjustments(provider: str) -> str:
     return f"{provider_tag(provider)}:adjustments"

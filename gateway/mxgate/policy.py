@@ -223,9 +223,12 @@ class Timeouts(_Model):
     greeting: StageTimeout = Field(
         default="5m", description="The next hop's 220 greeting once connected (RFC 5321: 5 minutes). From 1s to 1h.")
     helo: StageTimeout = Field(
-        default="5m", description="Each of EHLO (or HELO) and STARTTLS with its handshake (Postfix: 300s). From 1s to 1h.")
-    mail: StageTimeout = Field(default="5m", description="The reply to MAIL FROM (RFC 5321: 5 minutes). From 1s to 1h.")
-    rcpt: StageTimeout = Field(default="5m", description="The reply to each RCPT TO (RFC 5321: 5 minutes). From 1s to 1h.")
+        default="5m",
+        description="Each of EHLO (or HELO) and STARTTLS with its handshake (Postfix: 300s). From 1s to 1h.")
+    mail: StageTimeout = Field(
+        default="5m", description="The reply to MAIL FROM (RFC 5321: 5 minutes). From 1s to 1h.")
+    rcpt: StageTimeout = Field(
+        default="5m", description="The reply to each RCPT TO (RFC 5321: 5 minutes). From 1s to 1h.")
     data_init: StageTimeout = Field(
         default="2m", description="The 354 reply to the DATA command (RFC 5321: 2 minutes). From 1s to 1h.")
     data_done: StageTimeout = Field(

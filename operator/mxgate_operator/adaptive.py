@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from importlib import resources
 from typing import cast
 
 from mxgate import keys
@@ -38,7 +39,7 @@ from mxgate_operator.core import Adjustment, ControlState, Decision, Window, dec
 log = logging.getLogger("mxgate.adaptive")
 
 FLUSH_LAG = 2           # seconds: the newest complete telemetry second is now - FLUSH_LAG
-ADJUSTMENTS_KEPT = 200
+ADJUSTMENTS_KEPT = keys.ADJUSTMENTS_KEPT
 
 
 adjustments_key = keys.adjustments   # named in mxgate.keys (mxgate status reads it too)
@@ -101,6 +102,8 @@ class AdaptiveLoop:
         self._next: dict[str, float] = {}
         self._peak: dict[str, int] = {}
         self._changed: dict[str, float] = {}   # when each provider's live limits last changed
+        self._write_script = redis.register_script(
+            resources.files("mxgate.limits").joinpath("lua", "limits_write.lua").read_text(encoding="utf-8"))
 
     async def _sample_leases(self, providers: list[str], now: float) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -158,7 +161,16 @@ class AdaptiveLoop:
     async def evaluate(self, provider: str, policy: ProviderPolicy, *, now: float, seconds: float,
                        since: float | None = None) -> Evaluation:
         """Run the core on the telemetry of the ``seconds`` before ``now - FLUSH_LAG``, leaving out the
-        seconds up to ``since`` (the ticks pass the time of the last change: evidence about older limits)."""
+        seconds up to ``since`` (the ticks pass the time of the last change: evidence about older limits)
+        and up to a gateway's last refusal cut (``refusedAt``: the limit it set is the provider's word, the
+        deferrals before it were drawn by the old limit)."""
+        raw = await self._read_limits(provider)
+        refused_at = raw.get(b"refusedAt") or b""
+        if refused_at:
+            try:
+                since = max(since or 0.0, int(refused_at) / 1000)
+            except ValueError:
+                pass
         end = int(now) - FLUSH_LAG + 1
         start = end - max(1, round(seconds))
         if since is not None:
@@ -170,13 +182,12 @@ class AdaptiveLoop:
         else:
             counts = (await read_window(self.redis, [provider], start=start, end=end))[provider]
             window = Window.of(float(end - start), counts, peak_connections=self._peak.pop(provider, None))
-        raw = await self._read_limits(provider)
         state = _state_from_redis(raw, policy)
         decision = decide(policy.spec.adaptive, policy.spec.limits, state, window, now=now)
         log.debug("evaluated %s conns=%s -> %s: %s", window, state.connections, decision.state.connections,
                   decision.reason)
         if decision.state != state or not raw:
-            await self._write(provider, decision, now=now)
+            await self._write(provider, decision, now=now, refused_at=refused_at.decode())
         return Evaluation(provider, now, window, decision)
 
     async def put_in_force(self, policy: ProviderPolicy) -> Decision:
@@ -198,23 +209,29 @@ class AdaptiveLoop:
         moves = moves_between(stored, decision.state, "policy") if raw else ()
         decision = Decision(decision.state, moves, "policy changed" if moves else decision.reason)
         if moves or not raw:
-            await self._write(policy.name, decision, now=now)
+            await self._write(policy.name, decision, now=now, refused_at="*")
         return decision
 
-    async def _write(self, provider: str, decision: Decision, *, now: float) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        # redis-py types `mapping` Mapping[FieldT, EncodableT]: Mapping's key type is invariant, so it refuses
-        # every dict[str, str] although str is a FieldT.
-        pipe.hset(keys.limits(provider), mapping=_state_to_redis(decision.state, decision.reason))  # type: ignore[arg-type]
+    async def _write(self, provider: str, decision: Decision, *, now: float, refused_at: str) -> bool:
+        """Write the decision (``limits_write.lua``), unless a gateway cut the connection limit after a
+        refusal since the hash was read (``refused_at``: its ``refusedAt`` then; "*": write anyway); whether
+        it was written."""
+        fields = _state_to_redis(decision.state, decision.reason)
+        entries = [json.dumps({"time": now, **asdict(move), "reason": decision.reason})
+                   for move in decision.adjustments]
+        written = await self._write_script(
+            keys=[keys.limits(provider), adjustments_key(provider)],
+            args=[refused_at, ADJUSTMENTS_KEPT, len(fields), *(x for kv in fields.items() for x in kv), *entries])
+        if not int(written):
+            log.debug("%s: a gateway lowered the limits meanwhile; this window's decision is dropped", provider)
+            return False
         for move in decision.adjustments:
-            entry = {"time": now, **asdict(move), "reason": decision.reason}
-            pipe.lpush(adjustments_key(provider), json.dumps(entry))
             log.info("limit %s", "raised" if relaxes(move) else "lowered",
                      extra={"provider": provider, "limit": move.limit, "from": move.old, "to": move.new,
                             "signal": move.signal, "reason": decision.reason})
-        pipe.ltrim(adjustments_key(provider), 0, ADJUSTMENTS_KEPT - 1)
-        await pipe.execute()
         if decision.adjustments:
             self._changed[provider] = now
-            # After the transaction, not in it: a cluster allows no PUBLISH inside one (nor in a pipeline).
+            # After the script, not in it: the operator's Redis client may be a cluster client, which routes
+            # PUBLISH on its own.
             await self.redis.publish(keys.EVENTS, f"{keys.EVENT_LIMITS} {provider}")
+        return True

@@ -41,7 +41,7 @@ REPLIES: list[tuple[int, str, str | None, Outcome, DeferralClass | None]] = [
         "4.7.650 The mail server [192.0.2.1] has been temporarily rate limited due to IP reputation.",
         "4.7.650",
         Outcome.DEFERRED,
-        REPUTATION,
+        RATE,
     ),
     (451, "4.7.500 Server busy", "4.7.500", Outcome.DEFERRED, OTHER),
     (
@@ -78,7 +78,7 @@ REPLIES: list[tuple[int, str, str | None, Outcome, DeferralClass | None]] = [
         "4.7.651 The mail server [192.0.2.1] has been temporarily rate limited due to IP reputation.",
         "4.7.651",
         Outcome.DEFERRED,
-        REPUTATION,
+        RATE,
     ),
     (421, "Too many concurrent SMTP connections from this IP address", None, Outcome.DEFERRED, CONNECTIONS),
     (421, "4.7.0 too many connections", "4.7.0", Outcome.DEFERRED, CONNECTIONS),
@@ -236,11 +236,13 @@ def test_rules_are_one_ordered_table_reusable_by_operator_rules() -> None:
 
 
 def test_first_match_wins_in_table_order() -> None:
-    # matches both the reputation rule (4.7.650) and the rate wording; the earlier row decides
-    reply = SmtpReply(451, "4.7.650", "temporarily rate limited due to IP reputation")
+    # without its code, matches both the reputation wording and the rate wording; the earlier row decides
+    reply = SmtpReply(451, "4.7.1", "temporarily rate limited due to IP reputation")
     matching = [rule.deferral for rule in DEFERRAL_RULES if rule.matches(reply)]
     assert matching[0] is REPUTATION and RATE in matching
     assert classify(reply).deferral is REPUTATION
+    # with Microsoft's code, the provider-specific row comes first: a rate limit (see DEFERRAL_RULES)
+    assert classify(SmtpReply(451, "4.7.650", "temporarily rate limited due to IP reputation")).deferral is RATE
 
 
 @given(code=st.integers(min_value=-1000, max_value=1000), message=st.text(max_size=300))

@@ -36,7 +36,7 @@ def test_profile_replies_with_the_client_ip(profile: str, connection_line: str, 
 
 
 @pytest.mark.parametrize(("profile", "connections", "rate"), [
-    ("outlook", DeferralClass.CONNECTIONS, DeferralClass.REPUTATION),  # 4.7.650: reputation-caused rate limit
+    ("outlook", DeferralClass.CONNECTIONS, DeferralClass.RATE),  # 4.7.650: a rate limit set by reputation
     ("yahoo", DeferralClass.REPUTATION, DeferralClass.REPUTATION),
     ("gmail", DeferralClass.RATE, DeferralClass.RATE),
     ("generic", DeferralClass.CONNECTIONS, DeferralClass.RATE),

@@ -39,6 +39,7 @@ from typing import Protocol
 from mxgate.egress.dsn import RecipientFailure, build_dsn, should_notify
 from mxgate.egress.outcome import EXPIRED_STATUS, Verdict, judge, judge_plainly
 from mxgate.egress.replies import DeferralClass, SmtpReply
+from mxgate.egress.retry import THROTTLED
 from mxgate.egress.session import DeliveryReport
 from mxgate.errors import SpoolError
 from mxgate.limits.fleet import LimiterUnavailable
@@ -52,6 +53,7 @@ log = logging.getLogger("mxgate.delivery")
 
 ACK_BATCH = 64                # acks are batched: one round trip per batch instead of per message
 ACK_DELAY = 0.005             # ... and flushed this long after the first of a batch (seconds)
+PACED_RETRIES = 5             # throttled attempts at one claimed job queued again here before it goes back to Redis
 
 
 class Stage(enum.StrEnum):
@@ -210,10 +212,13 @@ class ClaimedJobs:
 
     # -- outcomes ------------------------------------------------------------------------------------
 
-    async def _finish(self, job: Job, report: DeliveryReport, *, ours: bool = False) -> Verdict:
+    async def _finish(self, job: Job, report: DeliveryReport, *, ours: bool = False,
+                      hops: tuple[NextHop, ...] | None = None) -> Verdict:
         """Judge one attempt's replies and record the outcome; ``ours``: the replies are our own (an internal
-        error), so the policy's rules are not asked and no deferral is reported as the provider's. Does not
-        raise for a verdict, notification or spool write that fails (see ``_judge`` and ``_record``)."""
+        error), so the policy's rules are not asked and no deferral is reported as the provider's. With
+        ``hops`` (the job's next hops), a throttled attempt may be queued again here (``_retry_paced``).
+        Does not raise for a verdict, notification or spool write that fails (see ``_judge`` and
+        ``_record``)."""
         engine = self.engine
         token = queue_id_var.set(job.queue_id)
         try:
@@ -233,10 +238,33 @@ class ClaimedJobs:
                     metrics.deferred(self.provider, verdict.deferral or DeferralClass.OTHER)
                 log.info("deferred", extra={"rcpt": rcpt, "reply": str(reply),
                                             "retry_in": round(verdict.retry_delay, 1)})
-            await self._record(job, verdict, report.remote)
+            if hops is None or not await self._retry_paced(job, verdict, hops):
+                await self._record(job, verdict, report.remote)
             return verdict
         finally:
             queue_id_var.reset(token)
+
+    async def _retry_paced(self, job: Job, verdict: Verdict, hops: tuple[NextHop, ...]) -> bool:
+        """Queue a throttled attempt again here instead of deferring it in Redis: whether it was.
+
+        A deferral for too many connections or too high a rate (``THROTTLED``) is the sender's pace, not
+        the message's fault: the message goes again as soon as the pacer (the fleet's connection lease and
+        rate permit, this pod's reflex, the live limits the refusal just lowered) lets it, not after a
+        backoff that leaves capacity idle. Only when the attempt changed nothing else (every recipient
+        deferred, so the job in Redis is still exact), no Suspend rule matched, and at most
+        ``PACED_RETRIES`` times per claim; then the retry ladder takes over."""
+        if (verdict.deferral not in THROTTLED or verdict.delivered or verdict.failed or verdict.suspend_for
+                or len(verdict.deferred) != len(job.recipients) or job.paced_retries >= PACED_RETRIES):
+            return False
+        job.paced_retries += 1
+        job.last_reply = str(verdict.deferred[0][1])
+        self.pending.setdefault(hops, deque()).append(job)
+        await self._requeued(hops)
+        return True
+
+    async def _requeued(self, hops: tuple[NextHop, ...]) -> None:
+        """A job was queued again for ``hops`` (the dispatcher wakes a connection for it)."""
+        self.poke()
 
     def _judge(self, job: Job, replies: dict[str, SmtpReply], *, ours: bool) -> Verdict:
         """``judge`` with the provider's schedule and rules; ``judge_plainly`` if that raises (a schedule a

@@ -71,6 +71,7 @@ class Limiter(Protocol):
     def set_limit(self, provider: str, limit: int) -> None: ...
     def released(self, provider: str) -> None: ...
     async def suspend(self, provider: str, *, seconds: float, reason: str) -> None: ...
+    async def connection_refused(self, lease: Lease, *, limit: int, floor: int, reply: str) -> int | None: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -337,6 +338,11 @@ class ProviderDispatcher(ClaimedJobs):
         async with self._work:
             self._work.notify()
 
+    async def _requeued(self, hops: tuple[NextHop, ...]) -> None:
+        async with self._work:
+            self._work.notify()
+        self.poke()
+
     def _spawn_connections(self) -> None:
         limit = self.limits.max_connections
         if time.monotonic() < self.no_new_connections_until:
@@ -434,7 +440,7 @@ class ProviderDispatcher(ClaimedJobs):
             while job is not None:
                 async with self._turn(job, Stage.PERMIT) as turn:
                     if session is None:
-                        session = await self._open(turn, hops)
+                        session = await self._open(turn, hops, lease)
                     more = session is not None and await self._send(turn, session, hops, lease)
                 if turn.failed:
                     if session is not None:
@@ -449,7 +455,7 @@ class ProviderDispatcher(ClaimedJobs):
             if session is not None:
                 await session.quit()
 
-    async def _open(self, turn: Turn, hops: tuple[NextHop, ...]) -> OutboundSession | None:
+    async def _open(self, turn: Turn, hops: tuple[NextHop, ...], lease: Lease) -> OutboundSession | None:
         """Connect to the first of ``hops`` that greets us, for ``turn.job``, the connection's first job. None when
         no connection may or could be made: the job is then queued again, or finished with the reason."""
         engine = self.engine
@@ -467,7 +473,10 @@ class ProviderDispatcher(ClaimedJobs):
                 await session.open(hops)
         except GreetingRefused as exc:
             engine.metrics.connection_error(self.provider)
-            verdict = await self._finish(job, DeliveryReport({r: exc.reply for r in job.recipients}, exc.hop.host))
+            verdict = await self._finish(job, DeliveryReport({r: exc.reply for r in job.recipients}, exc.hop.host),
+                                         hops=hops)
+            if verdict.deferral is DeferralClass.CONNECTIONS:
+                await self._refused(lease, exc.reply)
             self._reflex(verdict.deferral)
             return None
         except DeliveryError as exc:
@@ -491,13 +500,25 @@ class ProviderDispatcher(ClaimedJobs):
         with self._busy_with(hops):
             report = await self._attempt(session, job)
         turn.stage = Stage.RECORD
-        verdict = await self._finish(job, report)
+        verdict = await self._finish(job, report, hops=hops)
         self._reflex(verdict.deferral if verdict.deferred else None, delivered=bool(verdict.delivered))
         if verdict.deferral is DeferralClass.CONNECTIONS:
+            await self._refused(lease, verdict.deferred[0][1])
             return False  # the provider says we have too many connections: this one goes first
         if not session.usable or session.messages >= self.limits.max_messages_per_connection:
             return False
         return not lease.must_close  # surplus to a lowered limit, or the lease expired: close between messages
+
+    async def _refused(self, lease: Lease, reply: SmtpReply) -> None:
+        """The provider refused this connection for too many connections: tell the fleet how many it had open
+        (``FleetLimiter.connection_refused``), which is the provider's limit, as the new live limit at once.
+        Only for a provider the adaptive loop governs (its own policy, adaptive control on): the loop then
+        probes upwards from there. Unmatched domains (``domain:*``) and fixed limits keep the local reflex."""
+        policy = self.engine.book.policy(self.provider)
+        if policy is None or not policy.spec.adaptive.enabled:
+            return
+        await self.engine.limiter.connection_refused(lease, limit=self.limits.max_connections,
+                                                     floor=policy.spec.adaptive.floor.connections, reply=str(reply))
 
     # -- permits and caps ----------------------------------------------------------------------------
 

@@ -151,10 +151,11 @@ DEFERRAL_RULES: tuple[DeferralRule, ...] = (
     # --- provider-specific enhanced codes: the strongest evidence, checked first -------------------------
     DeferralRule.of(
         _code(r"4\.7\.65[01]"),
-        DeferralClass.REPUTATION,
-        "Microsoft: 'temporarily rate limited due to IP reputation'. It is a rate signal, but its cause is "
-        "reputation (typical during IP warm-up), so the reaction is the reputation one: slow right down "
-        "and keep volume steady, not merely pace the next retry.",
+        DeferralClass.RATE,
+        "Microsoft: 'has been temporarily rate limited due to IP reputation': a rate limit, whose level the "
+        "IP's reputation sets (typical during IP warm-up). The reaction is a rate one: the fleet's rate "
+        "comes down to what the provider accepted and the deferred mail goes again at that pace (the "
+        "message is not at fault), rather than waiting out the ordinary ladder while the rate is right.",
     ),
     DeferralRule.of(
         _code(r"4\.7\.652"),

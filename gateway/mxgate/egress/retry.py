@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 from mxgate.egress.replies import DeferralClass
 
-__all__ = ["RetrySchedule", "is_expired", "next_delay"]
+__all__ = ["THROTTLED", "RetrySchedule", "is_expired", "next_delay"]
 
-_THROTTLED = frozenset({DeferralClass.CONNECTIONS, DeferralClass.RATE})
+THROTTLED = frozenset({DeferralClass.CONNECTIONS, DeferralClass.RATE})
+"""The deferral classes that say we pushed too hard, not that the message or the provider has trouble."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,7 +90,7 @@ def next_delay(
         raise ValueError(f"attempts counts deferrals including this one and must be >= 1, got {attempts!r}")
     if not 0 <= rand < 1:  # also rejects NaN
         raise ValueError(f"rand must be a uniform draw from [0, 1), got {rand!r}")
-    if deferral in _THROTTLED:
+    if deferral in THROTTLED:
         first, cap = schedule.throttled_delay, schedule.throttled_max_delay
     else:
         first, cap = schedule.initial_delay, schedule.max_delay

@@ -100,6 +100,7 @@ class FleetLimiter:
         self._release: AsyncScript = redis.register_script(_script("lease_release"))
         self._gcra: AsyncScript = redis.register_script(_script("gcra"))
         self._suspend: AsyncScript = redis.register_script(_script("suspend"))
+        self._refused: AsyncScript = redis.register_script(_script("refused"))
         self._freed: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self.held: dict[str, set[Lease]] = defaultdict(set)
         self.limits_now: dict[str, int] = {}
@@ -211,6 +212,26 @@ class FleetLimiter:
                 int(seconds * 1000), reason[:300], keys.EVENTS, f"{keys.EVENT_LIMITS} {provider}"])
         except REDIS_ERRORS as exc:
             raise LimiterUnavailable(f"cannot suspend {provider}: {exc}") from exc
+
+    async def connection_refused(self, lease: Lease, *, limit: int, floor: int, reply: str) -> int | None:
+        """The connection holding ``lease`` was refused for too many connections: bring the fleet's live
+        limit down to the number of other connections open now (``refused.lua``). The new limit, or None
+        when it stays (as low already, or no other connection was open)."""
+        provider = lease.provider
+        try:
+            cut, old, new = await self._refused(
+                keys=[keys.leases(provider, self.identity), keys.limits(provider), keys.adjustments(provider)],
+                args=[lease.token, limit, floor, reply[:200], keys.ADJUSTMENTS_KEPT, keys.EVENTS,
+                      f"{keys.EVENT_LIMITS} {provider}"])
+        except REDIS_ERRORS as exc:
+            log.warning("the refused connection was not reported to the fleet: %s", exc)
+            return None
+        if not int(cut):
+            return None
+        log.info("limit lowered", extra={"provider": provider, "limit": "connections", "from": int(old),
+                                         "to": int(new), "signal": "refused", "reply": reply[:200]})
+        self.set_limit(provider, int(new))
+        return int(new)
 
     async def close(self) -> None:
         """Stop renewing (the leases themselves are released by their connections as they close)."""

@@ -109,6 +109,7 @@ class Job:
     dsn: bool
     last_reply: str = ""
     commit: str = ""   # set while the job's message is not known to be committed (see the module docstring)
+    paced_retries: int = 0   # this claim's throttled attempts queued again here (egress.claimed), not stored
 
     @classmethod
     def from_redis(cls, provider: str, job_id: str, token: str, fields: dict[bytes, bytes]) -> Job:
