@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import re
 import time
@@ -44,7 +45,13 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection, parse_url
+from redis.asyncio.connection import (
+    BlockingConnectionPool,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    parse_url,
+)
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff
@@ -271,12 +278,50 @@ class _NodeReplication:
     role: str = "master"
 
 
+POOL_TIMEOUT = 10.0   # seconds a command waits for a free pooled connection: far below the 60 s claim lease
+
+
+class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel's pool (it follows the primary) with the blocking pool's ``get_connection``: with every
+    connection in use a command waits for one (``timeout``) instead of failing (see ``RedisConnection``)."""
+
+
+_in_gate: contextvars.ContextVar[bool] = contextvars.ContextVar("mxgate_cluster_gate", default=False)
+
+
+class GatedCluster(RedisCluster):
+    """A cluster client whose commands wait for one of ``gate`` slots. redis-py's cluster nodes have no
+    blocking pool: a node with ``max_connections`` in use raises ``MaxConnectionsError`` at once, outside the
+    client's retry. With the gate at most ``gate`` commands are in flight, so no node needs more connections
+    than that. A command the client issues from inside another (a split multi-key command) passes through:
+    holding a slot while waiting for another could deadlock."""
+
+    def __init__(self, *args: Any, gate: int, gate_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._gate = asyncio.Semaphore(gate)
+        self._gate_timeout = gate_timeout
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if _in_gate.get():
+            return await super().execute_command(*args, **kwargs)
+        try:
+            await asyncio.wait_for(self._gate.acquire(), self._gate_timeout)
+        except TimeoutError:
+            raise RedisConnectionError(f"no Redis connection free within {self._gate_timeout:g} s") from None
+        token = _in_gate.set(True)
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            _in_gate.reset(token)
+            self._gate.release()
+
+
 class RedisConnection:
     """One process's connection to its Redis deployment: the command client, durable writes, health."""
 
     def __init__(self, target: RedisTarget, *, replica_acks: int | None = None, replica_ack_timeout: float = 1.0,
                  socket_timeout: float = 5.0, socket_connect_timeout: float = 2.0, max_connections: int = 200,
-                 health_check_interval: float = 10.0) -> None:
+                 pool_timeout: float = POOL_TIMEOUT, health_check_interval: float = 10.0) -> None:
         self.target = target
         self.replica_acks = replica_acks  # None: auto
         self.replica_ack_timeout = replica_ack_timeout
@@ -295,30 +340,35 @@ class RedisConnection:
         self._node_clients: dict[tuple[str, int], aioredis.Redis] = {}
         self._sentinel: Sentinel | None = None
         self._watcher: asyncio.Task[None] | None = None
+        # With every pooled connection in use, a command waits up to ``pool_timeout`` for one. redis-py's plain
+        # pools raise "Too many connections" at once, outside its retry: with thousands of providers' dispatchers
+        # a failed ack left delivered mail to its claim lease, and it was delivered again (bench/idle_cost.py,
+        # 10,000 domains: 48 and 151 duplicates; none with the blocking pool).
         self.client: RedisClient
         if target.mode == "single":
-            self.client = self._single(target, max_connections=max_connections)
+            self.client = self._single(target, max_connections=max_connections, pool_timeout=pool_timeout)
         elif target.mode == "sentinel":
-            self.client = self._sentinel_client(target, max_connections=max_connections)
+            self.client = self._sentinel_client(target, max_connections=max_connections, pool_timeout=pool_timeout)
         else:
-            self.client = RedisCluster(
+            self.client = GatedCluster(
                 startup_nodes=[ClusterNode(host, port) for host, port in target.nodes], ssl=target.tls,
-                max_connections=max_connections, retry=self._retry, **self._common)
+                max_connections=max_connections, retry=self._retry, gate=max_connections, gate_timeout=pool_timeout,
+                **self._common)
 
-    def _single(self, target: RedisTarget, *, max_connections: int) -> aioredis.Redis:
+    def _single(self, target: RedisTarget, *, max_connections: int, pool_timeout: float) -> aioredis.Redis:
         cls: type[Connection] | type[UnixDomainSocketConnection]
         cls = CountingUnixConnection if target.url.startswith("unix://") else \
             CountingSSLConnection if target.tls else CountingConnection
         url = url_with_password(target.url, target.password) if target.password else target.url
         # The retry goes to the pool's connections: redis-py retries with the connection's Retry, and a client
         # built on a pool ignores its own.
-        pool = aioredis.ConnectionPool.from_url(
-            url, connection_class=cls, max_connections=max_connections, retry=self._retry,
+        pool = BlockingConnectionPool.from_url(
+            url, connection_class=cls, max_connections=max_connections, timeout=pool_timeout, retry=self._retry,
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
             **{k: v for k, v in self._common.items() if k not in ("username", "password")})
         return aioredis.Redis(connection_pool=pool)
 
-    def _sentinel_client(self, target: RedisTarget, *, max_connections: int) -> aioredis.Redis:
+    def _sentinel_client(self, target: RedisTarget, *, max_connections: int, pool_timeout: float) -> aioredis.Redis:
         sentinel_kwargs = {k: v for k, v in self._common.items() if k != "health_check_interval"}
         if target.tls:
             sentinel_kwargs["ssl"] = True
@@ -328,7 +378,8 @@ class RedisConnection:
         counting: dict[str, Any] = {} if target.tls else {"connection_class": CountingSentinelConnection}
         client = self._sentinel.master_for(
             target.master, db=target.db, ssl=target.tls, max_connections=max_connections, retry=self._retry,
-            retry_on_error=[RedisConnectionError, RedisTimeoutError], **counting)
+            retry_on_error=[RedisConnectionError, RedisTimeoutError], connection_pool_class=BlockingSentinelPool,
+            timeout=pool_timeout, **counting)
         assert isinstance(client, aioredis.Redis)
         return client
 

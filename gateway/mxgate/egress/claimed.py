@@ -53,6 +53,7 @@ log = logging.getLogger("mxgate.delivery")
 
 ACK_BATCH = 64                # acks are batched: one round trip per batch instead of per message
 ACK_DELAY = 0.005             # ... and flushed this long after the first of a batch (seconds)
+ACK_RETRY_PAUSES = (0.2, 1.0, 3.0, None)   # seconds between tries of a failed ack (None: the last), < the lease
 PACED_RETRIES = 5             # throttled attempts at one claimed job queued again here before it goes back to Redis
 
 
@@ -352,7 +353,15 @@ class ClaimedJobs:
             return
         batch = list(self.acks)
         try:
-            await self.engine.spool.ack(self.provider, batch)
+            for pause in ACK_RETRY_PAUSES:   # a delivered job not acked is delivered again: worth a few tries
+                try:
+                    await self.engine.spool.ack(self.provider, batch)
+                    break
+                except SpoolError as exc:
+                    if pause is None:
+                        raise
+                    log.warning("ack failed, trying again in %g s: %s", pause, exc)
+                    await asyncio.sleep(pause)
         except SpoolError as exc:
             log.error("ack failed (the jobs will be delivered again after their lease): %s", exc)
         except Exception as exc:  # the same fate, noted; the batch must not stay here to fail for ever
