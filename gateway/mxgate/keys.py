@@ -69,6 +69,7 @@ EVENT_POLICIES = "policies"
 EVENT_WAKE = "wake"          # "wake <provider>": new mail queued
 EVENT_FREE = "free"          # "free <provider>": a connection lease was released
 EVENT_LIMITS = "limits"      # "limits <provider>": effective limits changed
+EVENT_WANT = "want"          # "want <provider>": a connection waits for a lease (idle ones elsewhere close)
 
 DEFAULT_IDENTITY = "default"
 

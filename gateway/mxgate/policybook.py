@@ -60,6 +60,7 @@ class PolicyBook:
         self._on_wake: list[Callable[[str], None]] = []
         self._on_free: list[Callable[[str], None]] = []
         self._on_limits: list[Callable[[str], None]] = []
+        self._on_want: list[Callable[[str], None]] = []
         self._on_policies: list[Callable[[], None]] = []
         self._schedules: dict[Retry, RetrySchedule] = {}
         self._timeouts: dict[Timeouts, StageTimeouts] = {}
@@ -134,6 +135,9 @@ class PolicyBook:
 
     def on_free(self, callback: Callable[[str], None]) -> None:
         self._on_free.append(callback)
+
+    def on_want(self, callback: Callable[[str], None]) -> None:
+        self._on_want.append(callback)
 
     def on_limits(self, callback: Callable[[str], None]) -> None:
         """Called with the provider whose effective limits changed."""
@@ -239,6 +243,9 @@ class PolicyBook:
                 callback(arg)
         elif kind == keys.EVENT_FREE:
             for callback in self._on_free:
+                callback(arg)
+        elif kind == keys.EVENT_WANT:
+            for callback in self._on_want:
                 callback(arg)
         elif kind == keys.EVENT_LIMITS:
             self._spawn(self.reload_limits(arg))

@@ -43,6 +43,9 @@ async def wake_on_release(url: str, limiters: list[FleetLimiter]) -> AsyncIterat
             if kind == keys.EVENT_FREE:
                 for limiter in limiters:
                     limiter.released(provider)
+            elif kind == keys.EVENT_WANT:
+                for limiter in limiters:
+                    limiter.wanted(provider)
 
     task = asyncio.create_task(relay())
     try:
@@ -308,3 +311,25 @@ async def test_after_the_ramp_no_day_is_capped(redis_server: EmbeddedRedis, redi
         assert [k async for k in redis_client.scan_iter(match=keys.day_count("ramped", 0)[:-1] + "*")] == []
     finally:
         await close([pod])
+
+
+async def test_an_idle_connection_hands_its_lease_to_a_waiter_elsewhere(redis_server: EmbeddedRedis) -> None:
+    # Pod a's connection idles (its queue is empty) holding the only lease; pod b has mail waiting: a's
+    # connection is told to close (must_close) rather than sitting out its idle timeout. A busy one is not.
+    a, b = await pods(redis_server.url, 2)
+    try:
+        async with wake_on_release(redis_server.url, [a, b]):
+            busy = await a.acquire("p", limit=2)
+            idle = await a.acquire("p", limit=2)
+            idle.idle = True
+            waiting = asyncio.create_task(b.acquire("p", limit=2))
+            deadline = time.monotonic() + 5
+            while not idle.must_close and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert idle.must_close and not busy.must_close and not waiting.done()
+            await a.release(idle)       # what the connection does once it sees must_close
+            lease = await asyncio.wait_for(waiting, 5)
+            await b.release(lease)
+            await a.release(busy)
+    finally:
+        await close([a, b])

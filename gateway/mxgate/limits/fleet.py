@@ -81,10 +81,11 @@ class Lease:
     idle: bool = False
     lost: bool = False
     surplus: bool = False
+    yielded: bool = False   # idle while another connection waits for a lease: close and hand it over
 
     @property
     def must_close(self) -> bool:
-        return self.lost or self.surplus
+        return self.lost or self.surplus or (self.yielded and self.idle)
 
 
 class FleetLimiter:
@@ -113,6 +114,15 @@ class FleetLimiter:
         """A lease of ``provider`` was released somewhere in the fleet: waiters try again now."""
         self._freed[provider].set()
 
+    def wanted(self, provider: str) -> None:
+        """A connection somewhere in the fleet waits for a lease of ``provider``: one of this pod's idle
+        connections to it (if any) closes, so its lease goes to mail that is waiting rather than sitting out
+        ``idleTimeoutSeconds`` (the waiter may be on another pod, or here for other next hops)."""
+        for lease in self.held.get(provider, ()):
+            if lease.idle and not lease.must_close:
+                lease.yielded = True
+                return
+
     # -- connection leases ---------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -135,7 +145,8 @@ class FleetLimiter:
                 event.clear()
                 try:
                     reply = await self._acquire(keys=keys_, args=[token, self.limits_now[provider], self.lease_ms,
-                                                                  waiter, self.waiter_stale_ms])
+                                                                  waiter, self.waiter_stale_ms, keys.EVENTS,
+                                                                  f"{keys.EVENT_WANT} {provider}"])
                 except REDIS_ERRORS as exc:
                     raise LimiterUnavailable(f"cannot acquire a connection lease: {exc}") from exc
                 if int(reply[0]) == 1:

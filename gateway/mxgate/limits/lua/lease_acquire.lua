@@ -7,6 +7,8 @@
 -- ARGV[3]  lease length in ms (the holder renews it while the connection lives)
 -- ARGV[4]  waiter id (unique per waiting connection attempt)
 -- ARGV[5]  waiter staleness in ms: a waiter not seen for this long has given up (crashed pod)
+-- ARGV[6]  channel, ARGV[7] message announcing a new waiter ("want <provider>"): a connection idling
+--          elsewhere in the fleet then closes and hands its lease over
 -- Returns  {1, expiry_ms} when granted; {0, ms until the earliest lease expires, queue position}
 --          when the caller must wait (it is then queued and must call again, at the latest after
 --          staleness/2, or when a release is announced).
@@ -33,7 +35,9 @@ if free > 0 then
     return {1, expiry}
   end
 end
-redis.call('ZADD', KEYS[2], 'NX', now, ARGV[4])
+if redis.call('ZADD', KEYS[2], 'NX', now, ARGV[4]) == 1 and ARGV[6] then
+  redis.call('PUBLISH', ARGV[6], ARGV[7])
+end
 redis.call('ZADD', KEYS[3], now, ARGV[4])
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[5]) * 2)
 redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[5]) * 2)
