@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from mxgate.errors import ConfigError
 from mxgate.ingress.auth import Credentials
 from mxgate.ingress.handler import IngressHandler, IngressPolicy, has_bare_line_ending, recipient_domain
+from mxgate.smtpwire import has_line_longer_than, scan_lines
 
 # -- recipient_domain ---------------------------------------------------------------------------------
 
@@ -191,3 +192,11 @@ def test_malformed_credentials_file_names_file_and_line(
 def test_missing_credentials_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read credentials file"):
         Credentials.load(tmp_path / "absent")
+
+
+@given(st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b"a", b"x" * 7]), max_size=60).map(b"".join))
+def test_scan_lines_agrees_with_the_two_checks(data: bytes) -> None:
+    longest, bare = scan_lines(data)
+    assert bare is has_bare_line_ending(data)
+    for limit in range(0, 40):
+        assert (longest > limit) is has_line_longer_than(data, limit)

@@ -65,14 +65,16 @@ _LONE_EOL = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 END_OF_DATA = b".\r\n"
 
 
-def data_on_the_wire(body: bytes) -> bytes:
+def data_on_the_wire(body: bytes, *, crlf: bool = False) -> bytes:
     """``body`` as DATA sends it, before the final ``.CRLF`` (``END_OF_DATA``): CRLF line ends, ending in
-    CRLF, dot-stuffed. A 100 KB message is the common case to make cheap: every body ingress stores has
-    CRLF line ends only (it refuses bare CR and LF), so that is checked with three counts and the stuffing
-    is one ``bytes.replace``; a regular expression runs only for a body with bare line ends."""
-    crlf = body.count(b"\r\n")
-    if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
-        body = _LONE_EOL.sub(b"\r\n", body)
+    CRLF, dot-stuffed. A 100 KB message is the common case to make cheap: ``crlf`` says the body is known
+    to have CRLF line ends only (ingress refused the others: ``Job.crlf``); otherwise that is checked with
+    three counts, and a regular expression runs only for a body with bare line ends. The stuffing is one
+    ``bytes.replace``."""
+    if not crlf:
+        count = body.count(b"\r\n")
+        if body.count(b"\r") != count or body.count(b"\n") != count:
+            body = _LONE_EOL.sub(b"\r\n", body)
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
     stuffed = body.replace(b"\r\n.", b"\r\n..")
@@ -257,7 +259,7 @@ class OutboundSession:
                 protocol = smtp.protocol
                 assert protocol is not None
                 # No await between the write and the read: the reply cannot arrive unexpected.
-                protocol.write(data_on_the_wire(job.body))
+                protocol.write(data_on_the_wire(job.body, crlf=job.crlf))
                 protocol.write(END_OF_DATA)
                 response = await protocol.read_response(timeout=t.data_done)
             final = SmtpReply.parse(response.code, response.message)

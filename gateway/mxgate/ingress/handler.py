@@ -138,7 +138,10 @@ class IngressHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data = envelope.original_content or b""
-        if has_bare_line_ending(data):
+        bare = getattr(server, "data_has_bare_line_ending", None)   # IngressSMTP found it already
+        if bare is None:
+            bare = has_bare_line_ending(data)
+        if bare:
             self.metrics.rejected("bare_line_ending")
             log.warning("message refused: bare CR or LF in data (SMTP smuggling protection)",
                         extra={"peer": str(session.peer)})
@@ -159,7 +162,7 @@ class IngressHandler:
                 provider = await self.router.provider_for(domain)
                 jobs.append(NewJob(provider=provider, job_id=f"{queue_id}.{index}", queue_id=queue_id,
                                    sender=_reverse_path(envelope), recipients=rcpts, domain=domain,
-                                   body=body))
+                                   body=body, crlf=True))   # bare line ends were refused above
             try:
                 await self.spool.enqueue(jobs)
             except SpoolError as exc:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, syntax
 
 from mxgate.ingress.auth import Authenticator
-from mxgate.smtpwire import FastPathsMixin, has_line_longer_than, writable
+from mxgate.smtpwire import FastPathsMixin, scan_lines, writable
 
 if TYPE_CHECKING:
     from asyncio.streams import _ReaduntilBuffer  # the separator type of StreamReader.readuntil (typeshed)
@@ -72,6 +72,9 @@ class IngressSMTP(FastPathsMixin, SMTP):
         reader.__class__ = StrictStreamReader
         self._collected: LoginPassword | None = None
         self.smuggling_attempts = 0
+        # Whether the data just received holds a bare CR or LF, found with the line-length check (scan_lines)
+        # and read by the handler's DATA hook; None outside that hook.
+        self.data_has_bare_line_ending: bool | None = None
 
     # -- timeouts -------------------------------------------------------------------------------------
 
@@ -123,12 +126,17 @@ class IngressSMTP(FastPathsMixin, SMTP):
             return
         envelope = self.envelope
         assert envelope is not None
-        if has_line_longer_than(content, MAX_LINE):
+        longest, bare = scan_lines(content)
+        if longest > MAX_LINE:
             self._set_post_data_state()  # type: ignore[no-untyped-call]  # aiosmtpd leaves it unannotated
             await self.push("500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)")
             return
         envelope.content = envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
+        self.data_has_bare_line_ending = bare
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:
+            self.data_has_bare_line_ending = None
         self._set_post_data_state()  # type: ignore[no-untyped-call]  # aiosmtpd leaves it unannotated
         await self.push(status)
 

@@ -77,6 +77,7 @@ class NewJob:
     body: bytes
     dsn: bool = False  # True for our own bounce notifications: they never cause another one
     commit: str = ""   # the commit record's key while the job is staged (a multi-domain message)
+    crlf: bool = False  # the producer checked that ``body`` has CRLF line ends only (ingress refuses others)
 
     def fields(self) -> list[str | bytes]:
         out: list[str | bytes] = [
@@ -87,6 +88,8 @@ class NewJob:
             "body", self.body,
             "dsn", "1" if self.dsn else "0",
         ]
+        if self.crlf:
+            out += ["crlf", "1"]
         if self.commit:
             out += ["commit", self.commit]
         return out
@@ -107,6 +110,7 @@ class Job:
     created_ms: int
     attempts: int
     dsn: bool
+    crlf: bool = False  # see NewJob.crlf: egress need not look for bare line ends again
     last_reply: str = ""
     commit: str = ""   # set while the job's message is not known to be committed (see the module docstring)
     paced_retries: int = 0   # this claim's throttled attempts queued again here (egress.claimed), not stored
@@ -126,6 +130,7 @@ class Job:
             created_ms=int(raw["created"]),
             attempts=int(raw.get("attempts", b"0")),
             dsn=raw.get("dsn") == b"1",
+            crlf=raw.get("crlf") == b"1",
             last_reply=raw.get("last", b"").decode("utf-8", "replace"),
             commit=raw.get("commit", b"").decode(),
         )
@@ -133,7 +138,8 @@ class Job:
     def as_new(self, provider: str) -> NewJob:
         """The same job for another provider queue (used when routing finds it belongs elsewhere)."""
         return NewJob(provider=provider, job_id=self.job_id, queue_id=self.queue_id, sender=self.sender,
-                      recipients=self.recipients, domain=self.domain, body=self.body, dsn=self.dsn)
+                      recipients=self.recipients, domain=self.domain, body=self.body, dsn=self.dsn,
+                      crlf=self.crlf)
 
 
 @dataclass(frozen=True, slots=True)
