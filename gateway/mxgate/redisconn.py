@@ -38,13 +38,13 @@ import contextvars
 import logging
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import (
     BlockingConnectionPool,
     Connection,
@@ -279,6 +279,7 @@ class _NodeReplication:
 
 
 POOL_TIMEOUT = 10.0   # seconds a command waits for a free pooled connection: far below the 60 s claim lease
+CLUSTER_HEADROOM = 8  # a cluster node's connections left outside the gate (subscriptions hold their own)
 
 
 class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
@@ -289,31 +290,56 @@ class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
 _in_gate: contextvars.ContextVar[bool] = contextvars.ContextVar("mxgate_cluster_gate", default=False)
 
 
+class GatedPipeline(ClusterPipeline):
+    """A pipeline of a ``GatedCluster``: its ``execute`` takes one of the gate's slots too (it uses at most
+    one connection per node it touches)."""
+
+    def __init__(self, client: GatedCluster, transaction: Any = None) -> None:
+        super().__init__(client, transaction)
+        self._gated = client
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        async with self._gated.slot():
+            return await super().execute(*args, **kwargs)
+
+
 class GatedCluster(RedisCluster):
     """A cluster client whose commands wait for one of ``gate`` slots. redis-py's cluster nodes have no
     blocking pool: a node with ``max_connections`` in use raises ``MaxConnectionsError`` at once, outside the
     client's retry. With the gate at most ``gate`` commands are in flight, so no node needs more connections
     than that. A command the client issues from inside another (a split multi-key command) passes through:
-    holding a slot while waiting for another could deadlock."""
+    holding a slot while waiting for another could deadlock. Pipelines take a slot too (``GatedPipeline``)."""
 
     def __init__(self, *args: Any, gate: int, gate_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._gate = asyncio.Semaphore(gate)
         self._gate_timeout = gate_timeout
 
-    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one of the gate's slots (none more when this task holds one already)."""
         if _in_gate.get():
-            return await super().execute_command(*args, **kwargs)
+            yield
+            return
         try:
             await asyncio.wait_for(self._gate.acquire(), self._gate_timeout)
         except TimeoutError:
             raise RedisConnectionError(f"no Redis connection free within {self._gate_timeout:g} s") from None
         token = _in_gate.set(True)
         try:
-            return await super().execute_command(*args, **kwargs)
+            yield
         finally:
             _in_gate.reset(token)
             self._gate.release()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.slot():
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> GatedPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # type: ignore[return-value]  # it raises
+        return GatedPipeline(self, transaction)  # type: ignore[abstract]  # redis-py's class, instantiated as it does
 
 
 class RedisConnection:
@@ -352,7 +378,8 @@ class RedisConnection:
         else:
             self.client = GatedCluster(
                 startup_nodes=[ClusterNode(host, port) for host, port in target.nodes], ssl=target.tls,
-                max_connections=max_connections, retry=self._retry, gate=max_connections, gate_timeout=pool_timeout,
+                max_connections=max_connections, retry=self._retry, gate=max(1, max_connections - CLUSTER_HEADROOM),
+                gate_timeout=pool_timeout,
                 **self._common)
 
     def _single(self, target: RedisTarget, *, max_connections: int, pool_timeout: float) -> aioredis.Redis:

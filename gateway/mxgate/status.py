@@ -34,7 +34,7 @@ class LimitChange:
     """One entry of the adaptive loop's adjustments list."""
 
     time: float
-    signal: str            # connections, rate (a cut), recovery (a raise), policy (the ceiling changed)
+    signal: str            # connections, rate (a cut), recovery (a raise), policy (the ceiling changed), refused
     limit: str             # connections or rate
     old: float | None      # a rate of None is "no rate limit"
     new: float | None

@@ -205,7 +205,8 @@ STATUS_SCHEMA: dict[str, Any] = {
         "deferralPercent": {"type": "string", "description": "Deferral percentage, formatted for kubectl."},
         "lastAdjustment": {"type": "object", "description": "The last change the controller made.", "properties": {
             "time": {"type": "string", "format": "date-time", "description": "When."},
-            "signal": {"type": "string", "description": "connections, rate or recovery."},
+            "signal": {"type": "string", "description": "connections, rate or recovery (the adaptive loop), "
+                       "refused (a gateway set the connection limit after a refusal) or policy."},
             "limit": {"type": "string", "description": "Which limit: connections or rate."},
             "from": {"type": "string", "description": "The value before."},
             "to": {"type": "string", "description": "The value after."},

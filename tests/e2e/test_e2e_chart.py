@@ -94,7 +94,8 @@ async def test_helm_install_relays_mail_through_the_service(release: Release) ->
         assert row["Max"] == CEILING
         assert row["Conns"] == status["effective"]["maxConnections"] < CEILING
         assert row["State"] == status["state"] == "Throttled"
-        assert status["lastAdjustment"]["signal"] == "connections", status["lastAdjustment"]
+        # A refusal sets the limit at once ("refused"), the adaptive loop cuts on a window ("connections").
+        assert status["lastAdjustment"]["signal"] in ("refused", "connections"), status["lastAdjustment"]
 
 
 async def test_gateway_pod_force_deleted_under_load_loses_nothing(release: Release) -> None:

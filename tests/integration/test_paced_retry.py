@@ -4,6 +4,7 @@ claim, or when anything else happened in the attempt, the spool's retry ladder t
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -72,7 +73,9 @@ async def test_past_the_paced_retries_the_retry_ladder_takes_over(redis_server: 
             await send(gw.port, ["u@outlook.test"])
 
             async def deferred_in_redis() -> bool:
-                return bool(await redis_client.zcard(keys.queue("ms"))) and not gw.engine.dispatchers["ms"].held
+                # attempts 1: the queue also holds claimed jobs, and `held` is empty until the claim returns
+                ids = await redis_client.zrange(keys.queue("ms"), 0, -1)
+                return bool(ids) and await redis_client.hget(keys.job("ms", ids[0].decode()), "attempts") == b"1"
 
             await eventually(deferred_in_redis, timeout=60, what="the job deferred in Redis")
             assert handler.refused == 1 + PACED_RETRIES      # the attempt, then the paced retries
@@ -98,9 +101,36 @@ async def test_a_partly_delivered_message_is_deferred_in_redis(redis_server: Emb
             await sink.wait_for(1, timeout=30)
 
             async def deferred_in_redis() -> bool:
-                return bool(await redis_client.zcard(keys.queue("ms"))) and not gw.engine.dispatchers["ms"].held
+                ids = await redis_client.zrange(keys.queue("ms"), 0, -1)
+                return bool(ids) and await redis_client.hget(keys.job("ms", ids[0].decode()), "attempts") == b"1"
 
             await eventually(deferred_in_redis, timeout=30, what="the refused recipient deferred in Redis")
         assert handler.messages[0].rcpt_tos == ["b@outlook.test"] and handler.refused == 1
+    finally:
+        await sink.stop()
+
+
+async def test_a_refused_only_connection_is_not_replaced_at_once(redis_server: EmbeddedRedis, redis_client) -> None:
+    # A next hop refusing every connection for too many connections: the pod's only connection is refused.
+    # No connection of this pod is left to take the job, so it is not queued again here (which reconnected
+    # six times in 20 ms), and the reflex opens no replacement during its backoff: one connection, then the
+    # retry ladder in Redis.
+    sink = await Sink(greeting_reply="421 4.7.652 The mail server [127.0.0.1] has exceeded the maximum number "
+                                     "of connections.").start()
+    try:
+        await publish(redis_server.url, [parse_policy({
+            "apiVersion": "mxgate.io/v1alpha1", "kind": "ProviderPolicy", "metadata": {"name": "ms"},
+            "spec": {"match": {"domains": ["outlook.test"]}, "route": {"hosts": [f"127.0.0.1:{sink.port}"]}}},
+            source="test:ms")])
+        async with running_gateway(redis_server.url) as gw:
+            await send(gw.port, ["u@outlook.test"])
+
+            async def deferred_in_redis() -> bool:
+                ids = await redis_client.zrange(keys.queue("ms"), 0, -1)
+                return bool(ids) and await redis_client.hget(keys.job("ms", ids[0].decode()), "attempts") == b"1"
+
+            await eventually(deferred_in_redis, timeout=20, what="the job deferred in Redis")
+            await asyncio.sleep(1.0)
+            assert sink.connections == 1
     finally:
         await sink.stop()

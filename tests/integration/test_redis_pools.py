@@ -20,9 +20,15 @@ async def crowd(url: str) -> None:
     try:
         await connection.initialize()
         client = connection.client
-        # Each BLPOP holds its connection for 0.1 s: 40 of them on 3 connections go in turns.
-        replies = await asyncio.gather(*(client.blpop([f"nothing:{i}"], timeout=0.1) for i in range(IN_FLIGHT)),
-                                       return_exceptions=True)
+        # Each BLPOP holds its connection for 0.1 s: 40 of them (half in pipelines) on 3 connections go in turns.
+        async def pipelined(i: int) -> object:
+            pipe = client.pipeline(transaction=False)
+            pipe.blpop([f"nothing:{i}"], timeout=0.1)
+            (reply,) = await pipe.execute()
+            return reply
+
+        replies = await asyncio.gather(*(client.blpop([f"nothing:{i}"], timeout=0.1) if i % 2 else pipelined(i)
+                                         for i in range(IN_FLIGHT)), return_exceptions=True)
         assert [r for r in replies if r is not None] == []   # no error: every one waited its turn
     finally:
         await connection.aclose()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import email
+import ssl
 
 import aiohttp
 import aiosmtplib
 import pytest
+import trustme
 
 from mxgate.embedded_redis import EmbeddedRedis
 from mxgate.policy import Retry
@@ -176,3 +178,23 @@ async def test_readyz_fails_when_smtp_sessions_die(redis_server: EmbeddedRedis, 
         gw.server.close()  # the listener closed by mistake
         status, body = await _readyz(http, url)
         assert status == 503 and "SMTP listener not open" in body, body
+
+
+async def test_relays_to_a_next_hop_that_offers_starttls(redis_server: EmbeddedRedis) -> None:
+    # As real MTAs do: STARTTLS offered, and after it the client must say EHLO again (RFC 3207 4.2), or
+    # MAIL is refused ("503 send HELO first") and the mail bounces.
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("sink.test", "127.0.0.1").configure_cert(context)
+    tls_sink = await Sink(tls_context=context).start()
+    try:
+        await publish(redis_server.url, [policy("microsoft", domains=["outlook.test"],
+                                                route=[f"127.0.0.1:{tls_sink.port}"])])
+        async with running_gateway(redis_server.url) as gw:
+            async with aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.port) as smtp:
+                await smtp.sendmail("app@example.com", ["user@outlook.test"], message(1) + "é".encode())
+            await tls_sink.wait_for(1, timeout=20)
+        received = tls_sink.handler.messages[0]
+        assert received.rcpt_tos == ["user@outlook.test"] and received.message_id == "<m1@example.com>"
+    finally:
+        await tls_sink.stop()

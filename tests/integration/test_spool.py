@@ -126,3 +126,34 @@ async def test_the_provider_index_of_mxgate_0_1_is_adopted(
     assert await spool.providers() == {"microsoft", "domain:example.org"}
     assert await redis_client.exists("mxg:providers") == 0
     assert await spool.adopt_old_provider_index() == 0
+
+
+async def test_ack_flushes_that_meet_ack_every_job_once(redis_connection: RedisConnection,
+                                                        redis_client: aioredis.Redis) -> None:
+    # The ack loop's flush and a full batch's can run at once (delivered jobs keep arriving while the first
+    # waits on Redis); each must ack exactly what it took. Before the flushes were serialised, the second
+    # removed jobs appended after its snapshot from the batch list without acking them: held for ever here,
+    # then delivered again at shutdown.
+    from types import SimpleNamespace
+
+    from mxgate.egress.claimed import ClaimedJobs
+    from mxgate.telemetry.metrics import Metrics
+
+    spool = Spool(redis_connection)
+    await spool.enqueue([NewJob(provider="p", job_id=f"q{i}.0", queue_id=f"q{i}", sender="a@example.com",
+                                recipients=["u@p.test"], domain="p.test", body=b"x\r\n") for i in range(80)])
+    claim = await spool.claim("p", limit=100, visibility_ms=60_000)
+    assert len(claim.jobs) == 80
+    jobs = ClaimedJobs(SimpleNamespace(spool=spool, metrics=Metrics()), "p")  # type: ignore[arg-type]
+    jobs.held.update((job.job_id, job) for job in claim.jobs)
+    jobs.acks.extend(claim.jobs[:10])
+    first = asyncio.create_task(jobs._flush_acks())
+    await asyncio.sleep(0)            # the first is on its way to Redis ...
+    jobs.acks.extend(claim.jobs[10:64])
+    second = asyncio.create_task(jobs._flush_acks())
+    await asyncio.sleep(0)
+    jobs.acks.extend(claim.jobs[64:])  # ... and more were delivered while both were in flight
+    await asyncio.gather(first, second)
+    await jobs._flush_acks()
+    assert jobs.acks == [] and jobs.held == {}
+    assert await redis_client.zcard(keys.queue("p")) == 0

@@ -120,3 +120,47 @@ async def test_each_stage_times_out_on_its_own(redis_server: EmbeddedRedis, capl
         handler.release.set()
         silent.close()
         await sink.stop()
+
+
+async def stalls_at(command: bytes) -> asyncio.Server:
+    """A next hop that greets, answers every command with the usual reply, and never answers ``command``."""
+    replies = {b"EHLO": b"250 stalls.test\r\n", b"MAIL": b"250 2.1.0 Ok\r\n", b"RCPT": b"250 2.1.5 Ok\r\n",
+               b"DATA": b"354 go ahead\r\n", b"RSET": b"250 Ok\r\n", b"QUIT": b"221 Bye\r\n"}
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 stalls.test ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == command:
+                await asyncio.sleep(3600)
+            writer.write(replies.get(verb, b"502 5.5.2 no\r\n"))
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize(("command", "timeouts", "expected"), [
+    (b"MAIL", {"mail": "1s"}, "timed out waiting for the next hop (MAIL)"),
+    (b"RCPT", {"rcpt": "1s"}, "timed out waiting for the next hop (RCPT)"),
+    (b"DATA", {"dataInit": "1s"}, "timed out waiting for the next hop (DATA)"),
+    (b"EHLO", {"helo": "1s"}, "no next hop reachable"),
+])
+async def test_the_transaction_stages_time_out_too(redis_server: EmbeddedRedis, caplog: pytest.LogCaptureFixture,
+                                                   command: bytes, timeouts: dict[str, str], expected: str) -> None:
+    server = await stalls_at(command)
+    caplog.set_level(logging.INFO, logger="mxgate.delivery")
+    try:
+        await publish(redis_server.url, [slow_policy(server.sockets[0].getsockname()[1], timeouts=timeouts,
+                                                     retry={"initialDelay": "1h"})])
+        async with running_gateway(redis_server.url) as gw:
+            await send(gw.port, "stalls")
+
+            def deferred() -> list[str]:
+                return [str(getattr(r, "reply", "")) for r in caplog.records if r.getMessage() == "deferred"]
+
+            await eventually(lambda: deferred(), timeout=15, what=f"a deferral after {command!r} stalled")
+            assert expected in deferred()[0] and deferred()[0].startswith("451 4.4.")
+            assert not [r for r in caplog.records if "internal error" in r.getMessage()]
+    finally:
+        server.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import ssl
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,12 +59,15 @@ class SinkHandler:
 
 
 class Sink:
-    def __init__(self, handler: SinkHandler | None = None, *, greeting_reply: str | None = None) -> None:
+    def __init__(self, handler: SinkHandler | None = None, *, greeting_reply: str | None = None,
+                 tls_context: ssl.SSLContext | None = None) -> None:
         self.handler = handler or SinkHandler()
         self.greeting_reply = greeting_reply
+        self.tls_context = tls_context   # offer STARTTLS with it (as real MTAs do)
         self.server: asyncio.Server | None = None
         self.open = 0
         self.max_open = 0
+        self.connections = 0   # every connection accepted
 
     @property
     def port(self) -> int:
@@ -76,6 +80,7 @@ class Sink:
         class Counting(SMTP):
             def connection_made(self, transport: Any) -> None:
                 sink.open += 1
+                sink.connections += 1
                 sink.max_open = max(sink.max_open, sink.open)
                 if sink.greeting_reply:
                     transport.write(sink.greeting_reply.encode() + b"\r\n")
@@ -88,7 +93,7 @@ class Sink:
                 if not sink.greeting_reply:
                     super().connection_lost(exc)
 
-        return Counting(self.handler, hostname="sink.test", enable_SMTPUTF8=True)
+        return Counting(self.handler, hostname="sink.test", enable_SMTPUTF8=True, tls_context=self.tls_context)
 
     async def start(self) -> Sink:
         self.server = await asyncio.get_running_loop().create_server(self._protocol, "127.0.0.1", 0)

@@ -53,7 +53,7 @@ log = logging.getLogger("mxgate.delivery")
 
 ACK_BATCH = 64                # acks are batched: one round trip per batch instead of per message
 ACK_DELAY = 0.005             # ... and flushed this long after the first of a batch (seconds)
-ACK_RETRY_PAUSES = (0.2, 1.0, 3.0, None)   # seconds between tries of a failed ack (None: the last), < the lease
+ACK_RETRY_PAUSES = (0.2, 1.0, 3.0, None)   # seconds between tries of a failed ack (None: the last)
 PACED_RETRIES = 5             # throttled attempts at one claimed job queued again here before it goes back to Redis
 
 
@@ -150,6 +150,7 @@ class ClaimedJobs:
         self.acks: list[Job] = []                 # held jobs finished, their ack not yet flushed
         self._poke = asyncio.Event()
         self._acks_waiting = asyncio.Event()       # set when `acks` gets its first job: the ack loop sleeps till then
+        self._flushing = asyncio.Lock()            # one ack flush at a time (each takes the batch it found)
 
     def poke(self) -> None:
         self._poke.set()
@@ -255,12 +256,17 @@ class ClaimedJobs:
         deferred, so the job in Redis is still exact), no Suspend rule matched, and at most
         ``PACED_RETRIES`` times per claim; then the retry ladder takes over."""
         if (verdict.deferral not in THROTTLED or verdict.delivered or verdict.failed or verdict.suspend_for
-                or len(verdict.deferred) != len(job.recipients) or job.paced_retries >= PACED_RETRIES):
+                or len(verdict.deferred) != len(job.recipients) or job.paced_retries >= PACED_RETRIES
+                or not self._may_pace(verdict)):
             return False
         job.paced_retries += 1
         job.last_reply = str(verdict.deferred[0][1])
         self.pending.setdefault(hops, deque()).append(job)
         await self._requeued(hops)
+        return True
+
+    def _may_pace(self, verdict: Verdict) -> bool:
+        """Whether something here will pace the job's next attempt (the dispatcher says, see engine)."""
         return True
 
     async def _requeued(self, hops: tuple[NextHop, ...]) -> None:
@@ -349,6 +355,13 @@ class ClaimedJobs:
         log.info("delivery status notification queued", extra={"to": job.sender, "provider": provider})
 
     async def _flush_acks(self) -> None:
+        # One at a time: the ack loop's flush and a full batch's can meet, and each removes the batch it
+        # took from the front of `acks`; two at once removed jobs appended after the first one's snapshot,
+        # never acked (held for ever, then delivered again at shutdown).
+        async with self._flushing:
+            await self._flush_acks_now()
+
+    async def _flush_acks_now(self) -> None:
         if not self.acks:
             return
         batch = list(self.acks)

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 from mxgate import keys
 from mxgate.egress.claimed import ClaimedJobs, Stage, Turn, note_internal_error
+from mxgate.egress.outcome import Verdict
 from mxgate.egress.replies import DeferralClass, SmtpReply
 from mxgate.egress.session import DeliveryReport, GreetingRefused, OutboundSession
 from mxgate.errors import DeliveryError, DnsPermanentError, DnsTemporaryError, SpoolError
@@ -57,7 +58,8 @@ log = logging.getLogger("mxgate.delivery")
 DISPATCHER_IDLE_EXIT = 10.0   # seconds without work (and holding nothing) before a provider's dispatcher stops
 WATCH_MAX_SLEEP = 10.0        # the due watcher looks at the index at least this often (entries brought forward)
 IDLE_CLAIM_SLEEP = 30.0       # a dispatcher holding claimed jobs looks at its queue at least this often
-CLAIM_STOP_WAIT = 6.0         # how long stop() lets a claim in flight come back (the Redis socket timeout is 5 s)
+CLAIM_STOP_WAIT = 16.0        # how long stop() lets a claim in flight come back (a pooled connection within
+                              # POOL_TIMEOUT, 10 s, then the Redis socket timeout, 5 s)
 CAP_RECHECK = 30.0            # a used-up hourly/daily cap is asked again after this long (a policy may have changed)
 
 
@@ -340,6 +342,15 @@ class ProviderDispatcher(ClaimedJobs):
         async with self._work:
             self._work.notify()
 
+    def _may_pace(self, verdict: Verdict) -> bool:
+        # A connection refused for too many connections is queued again here only while other connections of
+        # this pod to the provider stay open to take it (the reflex lets none replace the refused one for a
+        # while). With none, a new connection would be the very next thing: the job waits on the retry
+        # ladder in Redis instead (one refused message must not become six connections in 20 ms).
+        if verdict.deferral is DeferralClass.CONNECTIONS:
+            return self.open_connections() > 1
+        return True
+
     async def _requeued(self, hops: tuple[NextHop, ...]) -> None:
         async with self._work:
             self._work.notify()
@@ -386,13 +397,17 @@ class ProviderDispatcher(ClaimedJobs):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
-            if lease is not None and lease.must_close:
+            if lease is not None and (lease.lost or lease.surplus):
                 return None
             if self.suspended():
                 return None   # a connection does not sit out a suspension open; its jobs stay queued here
             queue = self.pending.get(hops)
             if queue and not self.engine.stopping:
+                if lease is not None:
+                    lease.yielded = False   # asked to give way while idle, but there is work here again
                 return queue.popleft()
+            if lease is not None and lease.must_close:
+                return None   # idle, and a connection elsewhere waits for a lease: give ours up
             remaining = deadline - loop.time()
             if remaining <= 0 or self.engine.stopping:
                 return None
@@ -505,7 +520,8 @@ class ProviderDispatcher(ClaimedJobs):
         verdict = await self._finish(job, report, hops=hops)
         self._reflex(verdict.deferral if verdict.deferred else None, delivered=bool(verdict.delivered))
         if verdict.deferral is DeferralClass.CONNECTIONS:
-            await self._refused(lease, verdict.deferred[0][1])
+            # (The job may have failed instead, past its max age: the refusal is the report's reply.)
+            await self._refused(lease, next(iter(report.replies.values())))
             return False  # the provider says we have too many connections: this one goes first
         if not session.usable or session.messages >= self.limits.max_messages_per_connection:
             return False
@@ -581,17 +597,22 @@ class ProviderDispatcher(ClaimedJobs):
 
         A connection-limit reply: the refused connection closes, and for a while (1 s, doubling up to
         30 s) this pod keeps at most the connections that still work: it may replace them but not add
-        more. A rate or reputation reply pauses this pod's sending to the provider (0.5 s, doubling up
-        to 30 s). A burst of refusals doubles the backoff once, not once per refusal; a delivery resets it.
+        more (and opens none at all when the refused one was its only one). A rate or reputation reply
+        pauses this pod's sending to the provider (0.5 s, doubling up to 30 s).
+        A burst of refusals doubles the backoff once, not once per refusal; a delivery resets it.
         """
         now = time.monotonic()
         if deferral is DeferralClass.CONNECTIONS:
+            # The refused connection is still counted in open_connections(): keep the others, add none (not
+            # even a replacement for the refused one when it was the only one) until the backoff ends.
             if now >= self.no_new_connections_until:
                 self.connection_backoff = min(30.0, max(1.0, self.connection_backoff * 2))
-                self.reflex_cap = max(1, self.open_connections() - 1)
+                self.reflex_cap = max(0, self.open_connections() - 1)
             else:
-                self.reflex_cap = max(1, min(self.reflex_cap, self.open_connections() - 1))
+                self.reflex_cap = max(0, min(self.reflex_cap, self.open_connections() - 1))
             self.no_new_connections_until = now + self.connection_backoff
+            # Queued jobs may be waiting for the backoff to end: look again then.
+            asyncio.get_running_loop().call_later(self.connection_backoff, self.poke)
             self.engine.metrics.reflex(self.provider, "connections")
         elif deferral in (DeferralClass.RATE, DeferralClass.REPUTATION):
             if now >= self.paused_until:

@@ -181,6 +181,12 @@ class OutboundSession:
                 except (ssl.SSLError, OSError, aiosmtplib.SMTPException) as exc:
                     smtp.close()
                     raise _TlsFailed(str(exc)) from exc
+                # RFC 3207 §4.2: both sides forget what they knew; the server wants EHLO again (aiosmtplib
+                # forgets the extensions but sends nothing, and MAIL then gets "503 send HELO first").
+                try:
+                    await smtp.ehlo(timeout=t.helo)
+                except SMTPResponseException:
+                    await smtp.helo(timeout=t.helo)
         except BaseException:
             smtp.close()
             raise
@@ -226,6 +232,7 @@ class OutboundSession:
         self.messages += 1
         t = self.timeouts
         stage = "MAIL"
+        accepted: list[str] = []
         try:
             mail_args = [b"FROM:<" + job.sender.encode("utf-8", "surrogateescape") + b">"]
             if smtp.supports_extension("8bitmime") and not job.body.isascii():
@@ -237,7 +244,6 @@ class OutboundSession:
                 reply = SmtpReply.parse(response.code, response.message)
                 await self._reset()
                 return DeliveryReport({r: replies.get(r, reply) for r in job.recipients}, remote)
-            accepted = []
             stage = "RCPT"
             for rcpt in sendable:
                 response = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode("utf-8", "surrogateescape") + b">",
@@ -265,9 +271,11 @@ class OutboundSession:
             final = SmtpReply.parse(response.code, response.message)
             if response.code == 421:
                 self.close()
-            elif response.code == 354:   # only a broken server answers the end of data with 354
+            elif (stage == "DATA" and 200 <= response.code < 300) or (stage != "DATA" and response.code == 354):
+                # A 2xx to DATA itself (no body sent yet) or a 354 to the final dot: a broken next hop. The
+                # message is not delivered by such an answer; the session is not trusted further.
                 self.close()
-                final = SmtpReply(451, "4.4.2", f"the next hop answered the end of data with {response.code}")
+                final = SmtpReply(451, "4.4.2", f"the next hop answered {stage} with {response.code}")
             elif not 200 <= response.code < 300 and stage == "DATA":
                 await self._reset()
             for rcpt in accepted:

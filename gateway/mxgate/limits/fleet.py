@@ -118,7 +118,9 @@ class FleetLimiter:
     def wanted(self, provider: str) -> None:
         """A connection somewhere in the fleet waits for a lease of ``provider``: one of this pod's idle
         connections to it (if any) closes, so its lease goes to mail that is waiting rather than sitting out
-        ``idleTimeoutSeconds`` (the waiter may be on another pod, or here for other next hops)."""
+        ``idleTimeoutSeconds``. Every pod gives one up, so with P pods one waiter may free up to P leases
+        (the others go to later waiters, or back to the pool); a connection that finds work again before
+        it noticed keeps its lease (``Lease.yielded`` is cleared)."""
         for lease in self.held.get(provider, ()):
             if lease.idle and not lease.must_close:
                 lease.yielded = True
