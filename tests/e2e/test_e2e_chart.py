@@ -104,8 +104,10 @@ async def test_gateway_pod_force_deleted_under_load_loses_nothing(release: Relea
         core = CoreV1Api(api)
         wait_all_ready(core, namespace, count=PODS, timeout=60)
         victim = ready_pods(core, namespace, GATEWAYS)[0].metadata.name
-        sender, accepted_before, took = await release.load_with_kill(victim, tag=".kill")
-        print(f"deleted {victim} (grace 0) after {accepted_before} of 2000 accepted; the load finished "
+        # Unpaced, 20 sessions always in flight, and long enough (~2,000/s) to outlast the kubelet's kill: some
+        # client sessions are cut. (Paced at 200/s, a session lasts milliseconds and none was open at the kill.)
+        sender, accepted_before, took = await release.load_with_kill(victim, tag=".kill", count=8000, rate=None)
+        print(f"deleted {victim} (grace 0) after {accepted_before} of 8000 accepted; the load finished "
               f"{took:.1f} s later")
         assert sender.failures, "no client saw the pod go: the deletion did not strike during the load"
 

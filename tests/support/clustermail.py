@@ -202,13 +202,14 @@ class Release:
         return Sender(ports=[25], host=self.service_ip, count=count, concurrency=concurrency, rate=rate,
                       rcpt=f"user@{TEST_DOMAIN}", tag=tag)
 
-    async def load_with_kill(self, pod: str, *, tag: str, count: int = 2000, after: int = 500, rate: float = 200.0,
-                             timeout: float = 300) -> tuple[Sender, int, float]:
+    async def load_with_kill(self, pod: str, *, tag: str, count: int = 2000, after: int = 500,
+                             rate: float | None = 200.0, timeout: float = 300) -> tuple[Sender, int, float]:
         """Send ``count`` messages; once ``after`` are accepted, delete ``pod`` with grace 0 (``kubectl delete
         --grace-period=0 --force``). The sender, how many it had accepted before the deletion, and the seconds
         from the deletion to the end of the load."""
-        # Paced (2000 at 200/s: 10 s), so that the deletion lands while clients are still sending: unpaced, the
-        # gateways took the last 1,377 in 0.7 s, before the kubelet had stopped the pod.
+        # Paced by default (2000 at 200/s: 10 s), so that the deletion lands while clients are still sending:
+        # unpaced, the gateways took the last 1,377 of 2000 in 0.7 s, before the kubelet had stopped the pod. A
+        # test that needs sessions in flight at the moment of the kill sends more, unpaced, instead.
         sender = self.sender(count, concurrency=20, rate=rate, tag=tag)
         load = asyncio.create_task(sender.run(timeout=timeout))
         while len(sender.accepted) < after and not load.done():
