@@ -51,7 +51,7 @@ GATEWAYS = "app.kubernetes.io/component=gateway"
 OPERATORS = "app.kubernetes.io/component=operator"
 PEERING = "mx-mxgate"    # the chart's default: the release's full name
 #: A gateway's claimed jobs come back after the claim lease (the chart's gateway.visibilitySeconds, 60 s).
-REDELIVERY_TIMEOUT = 150.0
+REDELIVERY_TIMEOUT = 240.0   # 8,000 after a gateway kill: the last arrived 115 s after the load (2026-12-06)
 
 
 @pytest.fixture(scope="module")
