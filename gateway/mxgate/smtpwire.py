@@ -131,11 +131,10 @@ async def _discard_data(reader: asyncio.StreamReader) -> None:
         at_line_start = True
 
 
-def has_line_longer_than(content: bytes, limit: int) -> bool:
-    """True if a line of ``content`` (without its CRLF) is longer than ``limit`` octets."""
-    if len(content) <= limit:
-        return False  # no line can be longer than the whole
-    return max(map(len, content.split(b"\r\n"))) > limit
+def has_bare_line_ending(data: bytes) -> bool:
+    """True if ``data`` holds a CR not followed by LF, or an LF not preceded by CR."""
+    crlf = data.count(b"\r\n")
+    return data.count(b"\n") != crlf or data.count(b"\r") != crlf
 
 
 def scan_lines(content: bytes) -> tuple[int, bool]:

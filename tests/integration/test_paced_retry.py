@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 import aiosmtplib
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -44,6 +45,13 @@ def ms_policy(port: int) -> object:
                                   "retry": {"throttledDelay": "1h", "throttledMaxDelay": "2h"}}}, source="test:ms")
 
 
+async def deferred_in_redis(redis_client: Any) -> bool:
+    """Whether the job is back in Redis after a deferral: attempts 1 (the queue also holds claimed jobs, so
+    being in it says nothing)."""
+    ids = await redis_client.zrange(keys.queue("ms"), 0, -1)
+    return bool(ids) and await redis_client.hget(keys.job("ms", ids[0].decode()), "attempts") == b"1"
+
+
 async def send(port: int, rcpts: list[str]) -> None:
     async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port) as smtp:
         await smtp.sendmail("app@example.com", rcpts, b"Subject: paced\r\nMessage-ID: <p@example.com>\r\n\r\nx\r\n")
@@ -72,12 +80,7 @@ async def test_past_the_paced_retries_the_retry_ladder_takes_over(redis_server: 
         async with running_gateway(redis_server.url) as gw:
             await send(gw.port, ["u@outlook.test"])
 
-            async def deferred_in_redis() -> bool:
-                # attempts 1: the queue also holds claimed jobs, and `held` is empty until the claim returns
-                ids = await redis_client.zrange(keys.queue("ms"), 0, -1)
-                return bool(ids) and await redis_client.hget(keys.job("ms", ids[0].decode()), "attempts") == b"1"
-
-            await eventually(deferred_in_redis, timeout=60, what="the job deferred in Redis")
+            await eventually(lambda: deferred_in_redis(redis_client), timeout=60, what="the job deferred in Redis")
             assert handler.refused == 1 + PACED_RETRIES      # the attempt, then the paced retries
             job_id = (await redis_client.zrange(keys.queue("ms"), 0, -1))[0].decode()
             job = await redis_client.hgetall(keys.job("ms", job_id))
@@ -100,11 +103,8 @@ async def test_a_partly_delivered_message_is_deferred_in_redis(redis_server: Emb
             await send(gw.port, ["a@outlook.test", "b@outlook.test"])
             await sink.wait_for(1, timeout=30)
 
-            async def deferred_in_redis() -> bool:
-                ids = await redis_client.zrange(keys.queue("ms"), 0, -1)
-                return bool(ids) and await redis_client.hget(keys.job("ms", ids[0].decode()), "attempts") == b"1"
-
-            await eventually(deferred_in_redis, timeout=30, what="the refused recipient deferred in Redis")
+            await eventually(lambda: deferred_in_redis(redis_client), timeout=30,
+                             what="the refused recipient deferred in Redis")
         assert handler.messages[0].rcpt_tos == ["b@outlook.test"] and handler.refused == 1
     finally:
         await sink.stop()
@@ -125,11 +125,7 @@ async def test_a_refused_only_connection_is_not_replaced_at_once(redis_server: E
         async with running_gateway(redis_server.url) as gw:
             await send(gw.port, ["u@outlook.test"])
 
-            async def deferred_in_redis() -> bool:
-                ids = await redis_client.zrange(keys.queue("ms"), 0, -1)
-                return bool(ids) and await redis_client.hget(keys.job("ms", ids[0].decode()), "attempts") == b"1"
-
-            await eventually(deferred_in_redis, timeout=20, what="the job deferred in Redis")
+            await eventually(lambda: deferred_in_redis(redis_client), timeout=20, what="the job deferred in Redis")
             await asyncio.sleep(1.0)
             assert sink.connections == 1
     finally:

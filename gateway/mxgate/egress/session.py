@@ -39,6 +39,7 @@ from mxgate.envelope import unsendable
 from mxgate.errors import DeliveryError
 from mxgate.routing.dns import MxResolver
 from mxgate.routing.router import NextHop
+from mxgate.smtpwire import has_bare_line_ending
 from mxgate.spool.store import Job
 
 
@@ -71,14 +72,20 @@ def data_on_the_wire(body: bytes, *, crlf: bool = False) -> bytes:
     to have CRLF line ends only (ingress refused the others: ``Job.crlf``); otherwise that is checked with
     three counts, and a regular expression runs only for a body with bare line ends. The stuffing is one
     ``bytes.replace``."""
-    if not crlf:
-        count = body.count(b"\r\n")
-        if body.count(b"\r") != count or body.count(b"\n") != count:
-            body = _LONE_EOL.sub(b"\r\n", body)
+    if not crlf and has_bare_line_ending(body):
+        body = _LONE_EOL.sub(b"\r\n", body)
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
     stuffed = body.replace(b"\r\n.", b"\r\n..")
     return b"." + stuffed if stuffed.startswith(b".") else stuffed
+
+
+async def _hello(smtp: aiosmtplib.SMTP, *, timeout: float) -> None:
+    """EHLO, or HELO when the next hop refuses EHLO."""
+    try:
+        await smtp.ehlo(timeout=timeout)
+    except SMTPResponseException:
+        await smtp.helo(timeout=timeout)
 
 
 def _insecure_tls_context() -> ssl.SSLContext:
@@ -170,10 +177,7 @@ class OutboundSession:
             sock.close()
             raise
         try:
-            try:
-                await smtp.ehlo(timeout=t.helo)
-            except SMTPResponseException:
-                await smtp.helo(timeout=t.helo)
+            await _hello(smtp, timeout=t.helo)
             if tls and smtp.supports_extension("starttls"):
                 try:
                     await smtp.starttls(tls_context=_insecure_tls_context(), server_hostname=hop.host,
@@ -183,10 +187,7 @@ class OutboundSession:
                     raise _TlsFailed(str(exc)) from exc
                 # RFC 3207 §4.2: both sides forget what they knew; the server wants EHLO again (aiosmtplib
                 # forgets the extensions but sends nothing, and MAIL then gets "503 send HELO first").
-                try:
-                    await smtp.ehlo(timeout=t.helo)
-                except SMTPResponseException:
-                    await smtp.helo(timeout=t.helo)
+                await _hello(smtp, timeout=t.helo)
         except BaseException:
             smtp.close()
             raise

@@ -25,6 +25,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from mxgate.envelope import path_problem
 from mxgate.errors import SpoolError
 from mxgate.routing.router import Router
+from mxgate.smtpwire import has_bare_line_ending
 from mxgate.spool.store import NewJob, Spool, new_queue_id
 from mxgate.telemetry.logs import queue_id_var
 from mxgate.telemetry.metrics import Metrics
@@ -57,12 +58,6 @@ def recipient_domain(address: str) -> str | None:
         return None
     domain = match.group("domain").rstrip(".").lower()
     return domain if _DOMAIN_RE.fullmatch(domain) else None
-
-
-def has_bare_line_ending(data: bytes) -> bool:
-    """True if ``data`` holds a CR not followed by LF, or an LF not preceded by CR."""
-    crlf = data.count(b"\r\n")
-    return data.count(b"\n") != crlf or data.count(b"\r") != crlf
 
 
 # No slots=True here: aiosmtpd runs inspect.getmembers() on the handler for every connection, and on
